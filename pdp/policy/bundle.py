@@ -1,0 +1,81 @@
+"""A loaded, compiled, immutable policy bundle: what the engine decides with."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from pdp.policy.catalog import Tool
+from pdp.policy.cel import CelProgram, Environment
+from pdp.policy.decision import Outcome, Tier
+from pdp.policy.documents import TestCaseSpec
+from pdp.policy.source import Location
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    groups: tuple[str, ...]
+    min_approvals: int
+    expires_in: timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class Boundary:
+    name: str
+    description: str
+    match: CelProgram
+    tier: Tier
+    applies_to_all: bool
+    approval: Approval | None
+    location: Location
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    id: str
+    description: str
+    effect: Outcome
+    when: CelProgram
+    message: CelProgram | None
+    tools: tuple[str, ...] | None
+    approval: Approval | None
+    location: Location
+
+    def applies_to(self, tool: str) -> bool:
+        return self.tools is None or any(fnmatch.fnmatchcase(tool, pattern) for pattern in self.tools)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyTestCase:
+    spec: TestCaseSpec
+    location: Location
+
+
+@dataclass(frozen=True)
+class PolicyBundle:
+    name: str
+    default_tier: Tier
+    default_effect: Outcome
+    default_approval: Approval | None
+    tools: dict[str, Tool]
+    boundaries: tuple[Boundary, ...]
+    rules: tuple[Rule, ...]
+    tests: tuple[PolicyTestCase, ...]
+    limits: tuple[dict[str, Any], ...]
+    digest: str
+    git_commit: str | None
+    # Content digest, plus the git commit when the bundle is a checkout: "sha256:<16 hex>+git.<12 hex>".
+    policy_version: str
+    environment: Environment = field(repr=False)
+    # tool name -> the rules that apply to it; filled once per tool so decisions do not scan
+    # rules written for other tools. Tool names come from the catalog, so this stays bounded.
+    _rule_index: dict[str, tuple[Rule, ...]] = field(default_factory=dict, repr=False)
+
+    def rules_for(self, tool: str) -> tuple[Rule, ...]:
+        rules = self._rule_index.get(tool)
+        if rules is None:
+            rules = tuple(r for r in self.rules if r.applies_to(tool))
+            self._rule_index[tool] = rules
+        return rules

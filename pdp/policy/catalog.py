@@ -1,0 +1,59 @@
+"""The tool catalog: which tools exist, their verbs, and whether each verb reads or writes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Kind(Enum):
+    READ = "read"
+    WRITE = "write"
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    name: str
+    type: str
+    resource_prefix: str
+    operations: dict[str, Kind]
+    idempotent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogViolation:
+    """Why a well-formed action cannot be matched to the catalog; it is recorded and denied."""
+
+    check: str  # unknown_tool | unknown_operation | resource_outside_prefix | resource_not_canonical
+    message: str
+
+
+# Dot segments (also percent-encoded) would let a resource that passes a prefix check point elsewhere
+# once a connector normalises it; the resource the policy saw must be the one the connector touches.
+_DOT_SEGMENT = re.compile(r"(^|/)(\.|%2e){1,2}(/|$|\?|#)", re.IGNORECASE)
+_UNSAFE_CHAR = re.compile(r"[\x00-\x20\x7f\\]")
+
+
+def resolve(tools: dict[str, Tool], tool: str, operation: str, resource: str) -> Kind | CatalogViolation:
+    """The action's kind, or the catalog check it fails."""
+    spec = tools.get(tool)
+    if spec is None:
+        return CatalogViolation("unknown_tool", f"tool {tool!r} is not in the catalog")
+    kind = spec.operations.get(operation)
+    if kind is None:
+        known = ", ".join(sorted(spec.operations))
+        return CatalogViolation(
+            "unknown_operation", f"tool {tool!r} has no operation {operation!r} (it has: {known})"
+        )
+    if not resource.startswith(spec.resource_prefix) or resource == spec.resource_prefix.rstrip("/"):
+        return CatalogViolation(
+            "resource_outside_prefix",
+            f"resource {resource!r} is outside tool {tool!r}'s prefix {spec.resource_prefix!r}",
+        )
+    if _DOT_SEGMENT.search(resource) or _UNSAFE_CHAR.search(resource):
+        return CatalogViolation(
+            "resource_not_canonical",
+            f"resource {resource!r} contains dot segments, whitespace, control characters or backslashes",
+        )
+    return kind
