@@ -46,7 +46,8 @@ def resolve(tools: dict[str, Tool], tool: str, operation: str, resource: str) ->
         return CatalogViolation(
             "unknown_operation", f"tool {tool!r} has no operation {operation!r} (it has: {known})"
         )
-    if not resource.startswith(spec.resource_prefix) or resource == spec.resource_prefix.rstrip("/"):
+    # The bare prefix names the tool's whole scope, not one thing under it.
+    if not resource.startswith(spec.resource_prefix) or len(resource) == len(spec.resource_prefix):
         return CatalogViolation(
             "resource_outside_prefix",
             f"resource {resource!r} is outside tool {tool!r}'s prefix {spec.resource_prefix!r}",

@@ -1,0 +1,109 @@
+"""`pdp agents add|list|revoke|ensure-dev`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pdp.config import add_arguments, from_args
+from pdp.errors import PdpError
+from pdp.identity.agents import add_agent, list_agents, revoke_agent
+from pdp.store.database import create_db_engine
+
+# Where `make run` keeps the development agent's token, and where `pdp propose` looks for one.
+DEV_TOKEN_FILE = Path(".pdp/agent-token")
+DEV_AGENT = ("dev-agent", "dev", ("support",))
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _labels(values: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--label must be KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def register(commands: Any) -> None:
+    parser: argparse.ArgumentParser = commands.add_parser("agents", help="agent identities")
+    sub = parser.add_subparsers(dest="agents_command", required=True, metavar="COMMAND")
+
+    add = sub.add_parser("add", help="create an agent; prints its token once, alone on the last line")
+    add.add_argument("id")
+    add.add_argument("--owner", required=True, help="the human accountable for this agent")
+    add.add_argument("--roles", default="", type=_csv, help="comma-separated roles policies can see")
+    add.add_argument("--label", action="append", default=[], help="KEY=VALUE, repeatable")
+    add_arguments(add, ("database_url",))
+    add.set_defaults(handler=run_add)
+
+    ls = sub.add_parser("list", help="list agents (never their tokens)")
+    add_arguments(ls, ("database_url",))
+    ls.set_defaults(handler=run_list)
+
+    revoke = sub.add_parser("revoke", help="revoke an agent's token; effective on its next request")
+    revoke.add_argument("id")
+    add_arguments(revoke, ("database_url",))
+    revoke.set_defaults(handler=run_revoke)
+
+    dev = sub.add_parser("ensure-dev", help=f"create {DEV_AGENT[0]!r} if missing and store its token in {DEV_TOKEN_FILE}")
+    add_arguments(dev, ("database_url",))
+    dev.set_defaults(handler=run_ensure_dev)
+
+
+def run_add(args: argparse.Namespace) -> int:
+    engine = create_db_engine(from_args(args).database_url)
+    try:
+        token = add_agent(engine, args.id, args.owner, args.roles, _labels(args.label))
+    except PdpError as exc:
+        print(f"pdp agents add: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"agent {args.id} created (owner {args.owner}, roles {','.join(args.roles) or '-'}); its token, shown once:")
+    print(token)
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    engine = create_db_engine(from_args(args).database_url)
+    print(f"{'ID':<24} {'OWNER':<16} {'ROLES':<24} {'CREATED':<20} STATUS")
+    for record in list_agents(engine):
+        agent = record.identity
+        status = f"revoked {record.revoked_at:%Y-%m-%d %H:%M}" if record.revoked_at else "active"
+        print(f"{agent.id:<24} {agent.owner:<16} {','.join(agent.roles):<24} {record.created_at:%Y-%m-%d %H:%M:%S}  {status}")
+    return 0
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    engine = create_db_engine(from_args(args).database_url)
+    try:
+        revoke_agent(engine, args.id)
+    except PdpError as exc:
+        print(f"pdp agents revoke: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"agent {args.id} revoked")
+    return 0
+
+
+def run_ensure_dev(args: argparse.Namespace) -> int:
+    engine = create_db_engine(from_args(args).database_url)
+    agent_id, owner, roles = DEV_AGENT
+    if any(r.identity.id == agent_id and r.revoked_at is None for r in list_agents(engine)) and DEV_TOKEN_FILE.exists():
+        print(f"development agent {agent_id!r} exists; token in {DEV_TOKEN_FILE}")
+        return 0
+    if any(r.identity.id == agent_id for r in list_agents(engine)):
+        print(f"agent {agent_id!r} exists but its token file is missing or it was revoked; not touching it", file=sys.stderr)
+        return 0
+    token = add_agent(engine, agent_id, owner, roles)
+    DEV_TOKEN_FILE.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(DEV_TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    print(f"created development agent {agent_id!r} (roles {','.join(roles)}); token stored in {DEV_TOKEN_FILE}")
+    return 0

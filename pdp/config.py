@@ -1,0 +1,66 @@
+"""Settings: every one has a flag and a PDP_* environment variable, with the same defaults everywhere."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    name: str
+    flag: str
+    env: str
+    default: str
+    help: str
+
+
+SETTINGS = (
+    Setting("database_url", "--database-url", "PDP_DATABASE_URL", "sqlite:///pdp.db", "database URL"),
+    Setting("policy_dir", "--policy-dir", "PDP_POLICY_DIR", "policies", "policy bundle directory"),
+    Setting("grpc_addr", "--grpc-addr", "PDP_GRPC_ADDR", "127.0.0.1:50051", "agent gRPC listen address"),
+    Setting("admin_addr", "--admin-addr", "PDP_ADMIN_ADDR", "127.0.0.1:8181", "admin HTTP listen address"),
+    Setting(
+        "signing_key",
+        "--signing-key",
+        "PDP_SIGNING_KEY",
+        ".pdp/signing.key",
+        "ticket/checkpoint signing key file (created by `pdp keys init`)",
+    ),
+    Setting("environment", "--environment", "PDP_ENVIRONMENT", "dev", "environment name CEL sees"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    database_url: str
+    policy_dir: str
+    grpc_addr: str
+    admin_addr: str
+    signing_key: str
+    environment: str
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Config:
+        source = os.environ if env is None else env
+        return cls(**{s.name: source.get(s.env) or s.default for s in SETTINGS})
+
+
+def add_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """Add the flags for ``names`` (all settings by default); each falls back to its variable."""
+    for setting in SETTINGS:
+        if names is None or setting.name in names:
+            parser.add_argument(
+                setting.flag,
+                dest=setting.name,
+                default=None,
+                help=f"{setting.help} (env {setting.env}, default {setting.default})",
+            )
+
+
+def from_args(args: argparse.Namespace) -> Config:
+    """Flags win over environment variables, which win over defaults."""
+    base = Config.from_env()
+    values = {f.name: getattr(args, f.name, None) or getattr(base, f.name) for f in fields(Config)}
+    return Config(**values)

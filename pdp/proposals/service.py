@@ -1,0 +1,113 @@
+"""Proposal use cases: decide, record, read, cancel. Transport-free; the gRPC layer is a thin adapter.
+
+Reads run on the caller's thread (the adapter puts them on a worker thread); writes go through the
+group-commit writer and return futures that resolve only after their transaction committed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine
+
+from pdp.canonical import digest
+from pdp.identity.agents import authenticate
+from pdp.policy.bundle import PolicyBundle
+from pdp.policy.decision import Decision
+from pdp.policy.engine import AgentIdentity, DecisionInput, decide
+from pdp.proposals.states import INITIAL_STATE
+from pdp.proposals.validation import ProposalInput
+from pdp.store import proposals as store
+from pdp.store.proposals import ProposalRecord, Recorded
+from pdp.store.writer import GroupCommitWriter
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class BundleHolder:
+    """The active bundle. Swapped atomically; a request keeps the bundle it started with."""
+
+    def __init__(self, bundle: PolicyBundle) -> None:
+        self._bundle = bundle
+
+    @property
+    def bundle(self) -> PolicyBundle:
+        return self._bundle
+
+    def swap(self, bundle: PolicyBundle) -> None:
+        self._bundle = bundle
+
+
+class ProposalService:
+    def __init__(
+        self,
+        engine: Engine,
+        writer: GroupCommitWriter,
+        bundles: BundleHolder,
+        environment: str,
+        clock: Clock = utc_now,
+    ) -> None:
+        self._engine = engine
+        self._writer = writer
+        self._bundles = bundles
+        self._environment = environment
+        self._clock = clock
+
+    def authenticate(self, token: str) -> AgentIdentity:
+        with self._engine.connect() as conn:
+            return authenticate(conn, token)
+
+    def _decision_input(self, agent: AgentIdentity, proposal: ProposalInput, now: datetime) -> DecisionInput:
+        return DecisionInput(agent=agent, action=proposal.action, now=now, environment=self._environment)
+
+    def evaluate(self, agent: AgentIdentity, proposal: ProposalInput) -> Decision:
+        """Dry run: the same decision, nothing recorded."""
+        return decide(self._bundles.bundle, self._decision_input(agent, proposal, self._clock()))
+
+    def propose(self, agent: AgentIdentity, proposal: ProposalInput) -> Future[Recorded]:
+        """Decide now; the future resolves once the proposal and its decision are durable."""
+        now = self._clock()
+        request = self._decision_input(agent, proposal, now)
+        decision = decide(self._bundles.bundle, request)
+        action = proposal.action_document()
+        record = ProposalRecord(
+            id=str(uuid.uuid4()),
+            agent_id=agent.id,
+            session_id=proposal.session_id,
+            idempotency_key=proposal.idempotency_key,
+            action=action,
+            action_digest=digest(action),
+            justification=proposal.justification,
+            state=INITIAL_STATE[decision.outcome],
+            decision=decision,
+            decision_input=_decision_context(request),
+            created_at=now,
+            updated_at=now,
+        )
+        return self._writer.submit(lambda conn: store.record_proposal(conn, record))
+
+    def get(self, agent: AgentIdentity, proposal_id: str) -> ProposalRecord:
+        with self._engine.connect() as conn:
+            return store.get_proposal(conn, proposal_id, agent.id)
+
+    def cancel(self, agent: AgentIdentity, proposal_id: str) -> Future[ProposalRecord]:
+        now = self._clock()
+        return self._writer.submit(lambda conn: store.cancel_proposal(conn, proposal_id, agent.id, now))
+
+
+def _decision_context(request: DecisionInput) -> dict[str, Any]:
+    """What besides the action the decision saw, so it can be replayed exactly."""
+    agent = request.agent
+    return {
+        "agent": {"id": agent.id, "owner": agent.owner, "roles": list(agent.roles), "labels": dict(agent.labels)},
+        "context": {"now": request.now.isoformat(), "environment": request.environment},
+        "usage": dict(request.usage),
+    }

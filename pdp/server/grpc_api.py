@@ -1,0 +1,202 @@
+"""The pdp.v1.PolicyDecisionPoint service: authentication, input checks, and error mapping in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+from sqlalchemy.exc import SQLAlchemyError
+
+from pdp import errors
+from pdp.errors import InvalidArgument, PdpError, Unauthenticated
+from pdp.policy.engine import AgentIdentity
+from pdp.proposals.service import ProposalService
+from pdp.proposals.validation import validate
+from pdp.server import wire
+from pdp.server.convert import STATES, decision_message, proposal_message
+from pdp.v1 import pdp_pb2
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "pdp.v1.PolicyDecisionPoint"
+MAX_PROPOSAL_ID = 64
+WATCH_POLL_SECONDS = 0.25
+
+# Typed errors to status codes: the only place this mapping exists.
+STATUS = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A request protobuf refused to parse; ``field`` names what was wrong."""
+
+    field: str
+
+
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, PdpError):
+        return STATUS.get(type(exc), grpc.StatusCode.INTERNAL), exc.message
+    if isinstance(exc, SQLAlchemyError):
+        log.error("database error", exc_info=exc)
+        return grpc.StatusCode.UNAVAILABLE, "database unavailable; nothing was recorded"
+    log.error("internal error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
+R = TypeVar("R")
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
+
+
+def _unary(method: Handler[R]) -> Handler[R]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            if isinstance(request, Malformed):
+                raise InvalidArgument(request.field, "is not valid UTF-8 or cannot be parsed")
+            return await method(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            code, message = _status_for(exc)
+            await context.abort(code, message)
+            raise AssertionError("unreachable") from exc  # abort always raises
+
+    return wrapper
+
+
+class PolicyDecisionPointService:
+    def __init__(self, service: ProposalService, pool: ThreadPoolExecutor) -> None:
+        self._service = service
+        self._pool = pool
+
+    async def _blocking(self, fn: Callable[..., R], *args: Any) -> R:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _agent(self, context: grpc.aio.ServicerContext) -> AgentIdentity:
+        token = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str):
+                scheme, _, token = value.partition(" ")
+                if scheme.lower() != "bearer":
+                    token = ""
+                break
+        token = token.strip()
+        if not token:
+            raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
+        return await self._blocking(self._service.authenticate, token)
+
+    @staticmethod
+    def _proposal_id(request: pdp_pb2.GetProposalRequest) -> str:
+        proposal_id = request.proposal_id
+        if not proposal_id.strip():
+            raise InvalidArgument("proposal_id", "is required")
+        if len(proposal_id) > MAX_PROPOSAL_ID:
+            raise InvalidArgument("proposal_id", f"is longer than {MAX_PROPOSAL_ID} characters")
+        return proposal_id
+
+    @_unary
+    async def Propose(  # noqa: N802 — gRPC method names are fixed by the contract
+        self, request: pdp_pb2.ProposeRequest, context: grpc.aio.ServicerContext
+    ) -> pdp_pb2.ProposeResponse:
+        agent = await self._agent(context)
+        proposal = validate(request)
+        recorded = await asyncio.wrap_future(self._service.propose(agent, proposal))
+        record = recorded.record
+        return pdp_pb2.ProposeResponse(
+            proposal_id=record.id, decision=decision_message(record.decision), state=STATES[record.state]
+        )
+
+    @_unary
+    async def Evaluate(  # noqa: N802
+        self, request: pdp_pb2.ProposeRequest, context: grpc.aio.ServicerContext
+    ) -> pdp_pb2.Decision:
+        agent = await self._agent(context)
+        return decision_message(self._service.evaluate(agent, validate(request)))
+
+    @_unary
+    async def GetProposal(  # noqa: N802
+        self, request: pdp_pb2.GetProposalRequest, context: grpc.aio.ServicerContext
+    ) -> pdp_pb2.Proposal:
+        agent = await self._agent(context)
+        record = await self._blocking(self._service.get, agent, self._proposal_id(request))
+        return proposal_message(record)
+
+    @_unary
+    async def CancelProposal(  # noqa: N802
+        self, request: pdp_pb2.GetProposalRequest, context: grpc.aio.ServicerContext
+    ) -> pdp_pb2.Proposal:
+        agent = await self._agent(context)
+        record = await asyncio.wrap_future(self._service.cancel(agent, self._proposal_id(request)))
+        return proposal_message(record)
+
+    async def WatchProposal(  # noqa: N802
+        self, request: pdp_pb2.GetProposalRequest | Malformed, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pdp_pb2.Proposal]:
+        try:
+            if isinstance(request, Malformed):
+                raise InvalidArgument(request.field, "is not valid UTF-8 or cannot be parsed")
+            agent = await self._agent(context)
+            proposal_id = self._proposal_id(request)
+            last = None
+            while True:
+                record = await self._blocking(self._service.get, agent, proposal_id)
+                seen = (record.state, record.updated_at)
+                if seen != last:
+                    last = seen
+                    yield proposal_message(record)
+                if record.state.terminal:
+                    return
+                await asyncio.sleep(WATCH_POLL_SECONDS)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            code, message = _status_for(exc)
+            await context.abort(code, message)
+
+
+def _parser(message: type[Message], schema: wire.Schema) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except (DecodeError, RuntimeError):
+            return Malformed(wire.bad_field(data, schema))
+
+    return parse
+
+
+def generic_handler(api: PolicyDecisionPointService) -> grpc.GenericRpcHandler:
+    """Handlers with lenient parsing, so a malformed request gets INVALID_ARGUMENT naming the field."""
+    propose = _parser(pdp_pb2.ProposeRequest, wire.PROPOSE_REQUEST)
+    by_id = _parser(pdp_pb2.GetProposalRequest, wire.GET_PROPOSAL_REQUEST)
+
+    def unary(fn: Any, parse: Callable[[bytes], Any]) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=parse, response_serializer=lambda m: m.SerializeToString()
+        )
+
+    return grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "Propose": unary(api.Propose, propose),
+            "Evaluate": unary(api.Evaluate, propose),
+            "GetProposal": unary(api.GetProposal, by_id),
+            "CancelProposal": unary(api.CancelProposal, by_id),
+            "WatchProposal": grpc.unary_stream_rpc_method_handler(
+                api.WatchProposal, request_deserializer=by_id, response_serializer=lambda m: m.SerializeToString()
+            ),
+        },
+    )

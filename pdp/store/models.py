@@ -1,0 +1,100 @@
+"""The schema, as SQLAlchemy 2.0 models. Alembic migrations are the only way it changes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, MetaData, String, Text, UniqueConstraint
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+# Stable constraint names, so migrations can refer to them on every database.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+JSONDocument = JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Always timezone-aware UTC in Python; SQLite stores naive UTC text, PostgreSQL timestamptz."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSONDocument, list[Any]: JSONDocument}
+
+
+class Agent(Base):
+    """An agent identity. Only the SHA-256 of its token is stored."""
+
+    __tablename__ = "agents"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    roles: Mapped[list[Any]]
+    labels: Mapped[dict[str, Any]]
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+
+
+class Proposal(Base):
+    """One action proposal, its decision, and its current state."""
+
+    __tablename__ = "proposals"
+    __table_args__ = (
+        UniqueConstraint("agent_id", "idempotency_key"),
+        Index("ix_proposals_agent_id_created_at", "agent_id", "created_at"),
+        Index("ix_proposals_state", "state"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    agent_id: Mapped[str] = mapped_column(String(200), ForeignKey("agents.id"))
+    session_id: Mapped[str] = mapped_column(String(200))
+    # NULL when the agent gave none: several NULLs never collide in the unique constraint.
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    tool: Mapped[str] = mapped_column(String(200))
+    operation: Mapped[str] = mapped_column(String(200))
+    resource: Mapped[str] = mapped_column(String(2048))
+    # The full action as proposed (tool, operation, resource, params, estimated_cost_usd, labels).
+    action: Mapped[dict[str, Any]]
+    # SHA-256 of the canonical JSON of `action`; approvals and tickets bind to it.
+    action_digest: Mapped[str] = mapped_column(String(64))
+    justification: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(32))
+    outcome: Mapped[str] = mapped_column(String(32))
+    decision: Mapped[dict[str, Any]]
+    # What the decision depended on besides the action (agent snapshot, now, environment, usage).
+    decision_input: Mapped[dict[str, Any]]
+    policy_version: Mapped[str] = mapped_column(String(100))
+    approval_expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+agents = Agent.__table__
+proposals = Proposal.__table__

@@ -1,0 +1,143 @@
+"""Reading and writing proposals. Every write is a unit of work for the group-commit writer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, RowMapping, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from pdp.errors import AlreadyExists, FailedPrecondition, NotFound
+from pdp.policy.decision import Decision
+from pdp.proposals.states import ProposalState
+from pdp.store.models import proposals
+
+
+@dataclass(frozen=True, slots=True)
+class ProposalRecord:
+    id: str
+    agent_id: str
+    session_id: str
+    idempotency_key: str
+    action: dict[str, Any]
+    action_digest: str
+    justification: str
+    state: ProposalState
+    decision: Decision
+    decision_input: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "agent_id": self.agent_id,
+            "session_id": self.session_id,
+            "idempotency_key": self.idempotency_key or None,
+            "tool": self.action["tool"],
+            "operation": self.action["operation"],
+            "resource": self.action["resource"],
+            "action": self.action,
+            "action_digest": self.action_digest,
+            "justification": self.justification,
+            "state": self.state.value,
+            "outcome": self.decision.outcome.value,
+            "decision": self.decision.to_dict(),
+            "decision_input": self.decision_input,
+            "policy_version": self.decision.policy_version,
+            "approval_expires_at": self.decision.approval_expires_at,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> ProposalRecord:
+        return cls(
+            id=row["id"],
+            agent_id=row["agent_id"],
+            session_id=row["session_id"],
+            idempotency_key=row["idempotency_key"] or "",
+            action=row["action"],
+            action_digest=row["action_digest"],
+            justification=row["justification"],
+            state=ProposalState(row["state"]),
+            decision=Decision.from_dict(row["decision"]),
+            decision_input=row["decision_input"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    record: ProposalRecord
+    # True when an earlier proposal with the same idempotency key was returned instead.
+    replayed: bool
+
+
+def _insert(conn: Connection) -> Any:
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(proposals)
+
+
+def record_proposal(conn: Connection, record: ProposalRecord) -> Recorded:
+    """Insert a decided proposal; with an idempotency key already used, return the earlier one."""
+    if not record.idempotency_key:
+        conn.execute(proposals.insert().values(record.row()))
+        return Recorded(record, replayed=False)
+    stmt = (
+        _insert(conn)
+        .values(record.row())
+        .on_conflict_do_nothing(index_elements=[proposals.c.agent_id, proposals.c.idempotency_key])
+    )
+    if conn.execute(stmt).rowcount == 1:
+        return Recorded(record, replayed=False)
+    row = (
+        conn.execute(
+            select(proposals).where(
+                proposals.c.agent_id == record.agent_id,
+                proposals.c.idempotency_key == record.idempotency_key,
+            )
+        )
+        .mappings()
+        .one()
+    )
+    earlier = ProposalRecord.from_row(row)
+    if earlier.action_digest != record.action_digest:
+        raise AlreadyExists(
+            f"idempotency_key {record.idempotency_key!r} was already used for a different action "
+            f"(proposal {earlier.id})"
+        )
+    return Recorded(earlier, replayed=True)
+
+
+def get_proposal(conn: Connection, proposal_id: str, agent_id: str) -> ProposalRecord:
+    """One of the agent's proposals; another agent's id is indistinguishable from an unknown one."""
+    row = (
+        conn.execute(select(proposals).where(proposals.c.id == proposal_id, proposals.c.agent_id == agent_id))
+        .mappings()
+        .first()
+    )
+    if row is None:
+        raise NotFound(f"proposal {proposal_id!r} not found")
+    return ProposalRecord.from_row(row)
+
+
+def cancel_proposal(conn: Connection, proposal_id: str, agent_id: str, now: datetime) -> ProposalRecord:
+    """PENDING_APPROVAL → CANCELLED, atomically; any other state is left alone."""
+    done = conn.execute(
+        update(proposals)
+        .where(
+            proposals.c.id == proposal_id,
+            proposals.c.agent_id == agent_id,
+            proposals.c.state == ProposalState.PENDING_APPROVAL.value,
+        )
+        .values(state=ProposalState.CANCELLED.value, updated_at=now)
+    )
+    record = get_proposal(conn, proposal_id, agent_id)
+    if done.rowcount == 0:
+        raise FailedPrecondition(
+            f"proposal {proposal_id!r} is {record.state.value}; only PENDING_APPROVAL can be cancelled"
+        )
+    return record
