@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import grpc
 
@@ -25,9 +25,9 @@ class PdpClientError(Exception):
 
 
 def _wrap(exc: grpc.RpcError) -> PdpClientError:
-    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = (exc.details() if isinstance(exc, grpc.Call) else str(exc)) or ""
-    return PdpClientError(code, details)
+    # Every error a stub raises is also a grpc.Call carrying the status.
+    call = cast(grpc.Call, exc)
+    return PdpClientError(call.code(), call.details() or "")
 
 
 class PdpClient:
@@ -72,7 +72,9 @@ class PdpClient:
             action=action, justification=justification, idempotency_key=idempotency_key, session_id=session_id
         )
 
-    def propose(self, tool: str, operation: str, resource: str, justification: str, **kw: Any) -> pdp_pb2.ProposeResponse:
+    def propose(
+        self, tool: str, operation: str, resource: str, justification: str, **kw: Any
+    ) -> pdp_pb2.ProposeResponse:
         """Record and decide a proposal. Same ``idempotency_key`` → the same proposal back."""
         return self.send(self.request(tool, operation, resource, justification, **kw))
 
@@ -100,7 +102,9 @@ class PdpClient:
     def get(self, proposal_id: str) -> pdp_pb2.Proposal:
         try:
             proposal: pdp_pb2.Proposal = self._stub.GetProposal(
-                pdp_pb2.GetProposalRequest(proposal_id=proposal_id), metadata=self._metadata, timeout=self._timeout
+                pdp_pb2.GetProposalRequest(proposal_id=proposal_id),
+                metadata=self._metadata,
+                timeout=self._timeout,
             )
         except grpc.RpcError as exc:
             raise _wrap(exc) from None
@@ -109,7 +113,9 @@ class PdpClient:
     def cancel(self, proposal_id: str) -> pdp_pb2.Proposal:
         try:
             proposal: pdp_pb2.Proposal = self._stub.CancelProposal(
-                pdp_pb2.GetProposalRequest(proposal_id=proposal_id), metadata=self._metadata, timeout=self._timeout
+                pdp_pb2.GetProposalRequest(proposal_id=proposal_id),
+                metadata=self._metadata,
+                timeout=self._timeout,
             )
         except grpc.RpcError as exc:
             raise _wrap(exc) from None

@@ -53,7 +53,9 @@ def register(commands: Any) -> None:
     add_arguments(revoke, ("database_url",))
     revoke.set_defaults(handler=run_revoke)
 
-    dev = sub.add_parser("ensure-dev", help=f"create {DEV_AGENT[0]!r} if missing and store its token in {DEV_TOKEN_FILE}")
+    dev = sub.add_parser(
+        "ensure-dev", help=f"create {DEV_AGENT[0]!r} if missing and store its token in {DEV_TOKEN_FILE}"
+    )
     add_arguments(dev, ("database_url",))
     dev.set_defaults(handler=run_ensure_dev)
 
@@ -76,7 +78,8 @@ def run_list(args: argparse.Namespace) -> int:
     for record in list_agents(engine):
         agent = record.identity
         status = f"revoked {record.revoked_at:%Y-%m-%d %H:%M}" if record.revoked_at else "active"
-        print(f"{agent.id:<24} {agent.owner:<16} {','.join(agent.roles):<24} {record.created_at:%Y-%m-%d %H:%M:%S}  {status}")
+        roles = ",".join(agent.roles)
+        print(f"{agent.id:<24} {agent.owner:<16} {roles:<24} {record.created_at:%Y-%m-%d %H:%M:%S}  {status}")
     return 0
 
 
@@ -94,11 +97,15 @@ def run_revoke(args: argparse.Namespace) -> int:
 def run_ensure_dev(args: argparse.Namespace) -> int:
     engine = create_db_engine(from_args(args).database_url)
     agent_id, owner, roles = DEV_AGENT
-    if any(r.identity.id == agent_id and r.revoked_at is None for r in list_agents(engine)) and DEV_TOKEN_FILE.exists():
+    existing = [r for r in list_agents(engine) if r.identity.id == agent_id]
+    if existing and existing[0].revoked_at is None and DEV_TOKEN_FILE.exists():
         print(f"development agent {agent_id!r} exists; token in {DEV_TOKEN_FILE}")
         return 0
-    if any(r.identity.id == agent_id for r in list_agents(engine)):
-        print(f"agent {agent_id!r} exists but its token file is missing or it was revoked; not touching it", file=sys.stderr)
+    if existing:
+        print(
+            f"agent {agent_id!r} exists but its token file is missing or it was revoked; not touching it",
+            file=sys.stderr,
+        )
         return 0
     token = add_agent(engine, agent_id, owner, roles)
     DEV_TOKEN_FILE.parent.mkdir(parents=True, exist_ok=True)

@@ -77,7 +77,9 @@ def run_test(args: argparse.Namespace) -> int:
     for result in results:
         status = "ok" if result.passed else "FAIL"
         name = result.case.spec.name[:name_width]
-        print(f"{status:<6}  {name:<{name_width}}  {result.case.location!s:<{where_width}}  {_outcome(result.decision)}")
+        print(
+            f"{status:<6}  {name:<{name_width}}  {result.case.location!s:<{where_width}}  {_outcome(result.decision)}"
+        )
         for failure in result.failures:
             print(f"{'':<8}{failure}")
         if result.failures or args.verbose:
@@ -93,9 +95,7 @@ def print_decision(decision: Decision) -> None:
     print(f"boundary:       {decision.boundary or '-'} (tier {decision.tier or '-'})")
     print(f"policy_version: {decision.policy_version}")
     for requirement in decision.approval_requirements:
-        print(
-            f"approval:       {requirement.source}: {requirement.min_approvals} of {', '.join(requirement.groups)}"
-        )
+        print(f"approval:       {requirement.source}: {requirement.min_approvals} of {', '.join(requirement.groups)}")
     if decision.approval_expires_at:
         print(f"expires_at:     {decision.approval_expires_at.isoformat()}")
     if decision.retry_after_seconds:

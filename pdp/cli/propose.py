@@ -53,7 +53,9 @@ def _token(args: argparse.Namespace) -> str:
     if not token and DEV_TOKEN_FILE.exists():
         token = DEV_TOKEN_FILE.read_text().strip()
     if not token:
-        raise SystemExit(f"no agent token: pass --token, set PDP_AGENT_TOKEN, or run `make run` to create {DEV_TOKEN_FILE}")
+        raise SystemExit(
+            f"no agent token: pass --token, set PDP_AGENT_TOKEN, or run `make run` to create {DEV_TOKEN_FILE}"
+        )
     return token
 
 

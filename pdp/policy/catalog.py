@@ -43,9 +43,7 @@ def resolve(tools: dict[str, Tool], tool: str, operation: str, resource: str) ->
     kind = spec.operations.get(operation)
     if kind is None:
         known = ", ".join(sorted(spec.operations))
-        return CatalogViolation(
-            "unknown_operation", f"tool {tool!r} has no operation {operation!r} (it has: {known})"
-        )
+        return CatalogViolation("unknown_operation", f"tool {tool!r} has no operation {operation!r} (it has: {known})")
     # The bare prefix names the tool's whole scope, not one thing under it.
     if not resource.startswith(spec.resource_prefix) or len(resource) == len(spec.resource_prefix):
         return CatalogViolation(

@@ -117,7 +117,7 @@ class Environment:
         returned = expr.return_type()
         expected = cel.Type.BOOL if result_type is ResultType.BOOL else cel.Type.STRING
         # dyn (e.g. a map lookup in params) can only be checked at evaluation time.
-        if returned != expected and returned != cel.Type.DYN:
+        if returned not in (expected, cel.Type.DYN):
             raise CelError(f"expression must be {result_type.value}, but it is {returned.name()}")
         return CelProgram(expr, source, result_type)
 

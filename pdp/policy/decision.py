@@ -90,9 +90,7 @@ class Decision:
         expires = data.get("approval_expires_at")
         return cls(
             outcome=Outcome(data["outcome"]),
-            reasons=tuple(
-                Reason(r["rule_id"], Outcome(r["effect"]), r["message"]) for r in data.get("reasons", [])
-            ),
+            reasons=tuple(Reason(r["rule_id"], Outcome(r["effect"]), r["message"]) for r in data.get("reasons", [])),
             policy_version=data.get("policy_version", ""),
             boundary=data.get("boundary", ""),
             tier=data.get("tier", ""),

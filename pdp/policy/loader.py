@@ -344,11 +344,17 @@ class _Loader:
                                 f"rule {spec.id!r}: no tool in the catalog matches {pattern!r}",
                             )
                 when = self._compile_with_variables(
-                    variables, broken, spec.when, ResultType.BOOL, doc.location((*here, "when")), spec.id, "when"
+                    variables,
+                    broken,
+                    spec.when,
+                    ResultType.BOOL,
+                    doc.location((*here, "when")),
+                    spec.id,
+                    "when",
                 )
-                message = None
+                rendered = None
                 if spec.message is not None:
-                    message = self._compile_with_variables(
+                    rendered = self._compile_with_variables(
                         variables,
                         broken,
                         spec.message,
@@ -357,7 +363,7 @@ class _Loader:
                         spec.id,
                         "message",
                     )
-                    if message is None:
+                    if rendered is None:
                         continue
                 if when is None:
                     continue
@@ -367,7 +373,7 @@ class _Loader:
                         description=spec.description,
                         effect=Outcome(spec.effect),
                         when=when,
-                        message=message,
+                        message=rendered,
                         tools=tuple(spec.tools) if spec.tools is not None else None,
                         approval=self._approval(spec.approval),
                         location=doc.location(here),

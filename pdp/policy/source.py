@@ -88,9 +88,7 @@ def read_documents(directory: Path) -> tuple[list[Document], str]:
         digest.update(rel.encode() + b"\0" + hashlib.sha256(raw).digest())
         try:
             text = raw.decode("utf-8")
-            for node in yaml.compose_all(text, Loader=yaml.SafeLoader):
-                if node is None:
-                    continue
+            for node in yaml.compose_all(text, Loader=yaml.SafeLoader):  # empty documents yield nothing
                 lines: dict[Path_, int] = {}
                 data = _to_python(node, (), lines, rel)
                 documents.append(Document(data, rel, node.start_mark.line + 1, lines))

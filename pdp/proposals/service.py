@@ -107,7 +107,12 @@ def _decision_context(request: DecisionInput) -> dict[str, Any]:
     """What besides the action the decision saw, so it can be replayed exactly."""
     agent = request.agent
     return {
-        "agent": {"id": agent.id, "owner": agent.owner, "roles": list(agent.roles), "labels": dict(agent.labels)},
+        "agent": {
+            "id": agent.id,
+            "owner": agent.owner,
+            "roles": list(agent.roles),
+            "labels": dict(agent.labels),
+        },
         "context": {"now": request.now.isoformat(), "environment": request.environment},
         "usage": dict(request.usage),
     }

@@ -87,7 +87,10 @@ async def start(config: Config) -> RunningServer:
 async def serve(config: Config) -> None:
     running = await start(config)
     bundle_note = f"policy bundle {config.policy_dir}"
-    print(f"pdp: agent gRPC API on {config.grpc_addr} ({bundle_note}, database {config.database_url})", flush=True)
+    print(
+        f"pdp: agent gRPC API on {config.grpc_addr} ({bundle_note}, database {config.database_url})",
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

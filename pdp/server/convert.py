@@ -29,9 +29,7 @@ def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
 def decision_message(decision: Decision) -> pdp_pb2.Decision:
     message = pdp_pb2.Decision(
         outcome=OUTCOMES[decision.outcome],
-        reasons=[
-            pdp_pb2.Reason(rule_id=r.rule_id, effect=r.effect.value, message=r.message) for r in decision.reasons
-        ],
+        reasons=[pdp_pb2.Reason(rule_id=r.rule_id, effect=r.effect.value, message=r.message) for r in decision.reasons],
         boundary=decision.boundary,
         tier=decision.tier,
         policy_version=decision.policy_version,

@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -22,6 +22,9 @@ from pdp.proposals.validation import validate
 from pdp.server import wire
 from pdp.server.convert import STATES, decision_message, proposal_message
 from pdp.v1 import pdp_pb2
+
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +61,12 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 R = TypeVar("R")
-Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
+Handler = Callable[[Any, Any, "Context"], Awaitable[R]]
 
 
 def _unary(method: Handler[R]) -> Handler[R]:
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+    async def wrapper(self: Any, request: Any, context: Context) -> R:
         try:
             if isinstance(request, Malformed):
                 raise InvalidArgument(request.field, "is not valid UTF-8 or cannot be parsed")
@@ -86,7 +89,7 @@ class PolicyDecisionPointService:
     async def _blocking(self, fn: Callable[..., R], *args: Any) -> R:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    async def _agent(self, context: grpc.aio.ServicerContext) -> AgentIdentity:
+    async def _agent(self, context: Context) -> AgentIdentity:
         token = ""
         for key, value in context.invocation_metadata() or ():
             if key == "authorization" and isinstance(value, str):
@@ -110,7 +113,7 @@ class PolicyDecisionPointService:
 
     @_unary
     async def Propose(  # noqa: N802 — gRPC method names are fixed by the contract
-        self, request: pdp_pb2.ProposeRequest, context: grpc.aio.ServicerContext
+        self, request: pdp_pb2.ProposeRequest, context: Context
     ) -> pdp_pb2.ProposeResponse:
         agent = await self._agent(context)
         proposal = validate(request)
@@ -122,14 +125,14 @@ class PolicyDecisionPointService:
 
     @_unary
     async def Evaluate(  # noqa: N802
-        self, request: pdp_pb2.ProposeRequest, context: grpc.aio.ServicerContext
+        self, request: pdp_pb2.ProposeRequest, context: Context
     ) -> pdp_pb2.Decision:
         agent = await self._agent(context)
         return decision_message(self._service.evaluate(agent, validate(request)))
 
     @_unary
     async def GetProposal(  # noqa: N802
-        self, request: pdp_pb2.GetProposalRequest, context: grpc.aio.ServicerContext
+        self, request: pdp_pb2.GetProposalRequest, context: Context
     ) -> pdp_pb2.Proposal:
         agent = await self._agent(context)
         record = await self._blocking(self._service.get, agent, self._proposal_id(request))
@@ -137,14 +140,14 @@ class PolicyDecisionPointService:
 
     @_unary
     async def CancelProposal(  # noqa: N802
-        self, request: pdp_pb2.GetProposalRequest, context: grpc.aio.ServicerContext
+        self, request: pdp_pb2.GetProposalRequest, context: Context
     ) -> pdp_pb2.Proposal:
         agent = await self._agent(context)
         record = await asyncio.wrap_future(self._service.cancel(agent, self._proposal_id(request)))
         return proposal_message(record)
 
     async def WatchProposal(  # noqa: N802
-        self, request: pdp_pb2.GetProposalRequest | Malformed, context: grpc.aio.ServicerContext
+        self, request: pdp_pb2.GetProposalRequest | Malformed, context: Context
     ) -> AsyncIterator[pdp_pb2.Proposal]:
         try:
             if isinstance(request, Malformed):
@@ -183,7 +186,7 @@ def generic_handler(api: PolicyDecisionPointService) -> grpc.GenericRpcHandler:
     propose = _parser(pdp_pb2.ProposeRequest, wire.PROPOSE_REQUEST)
     by_id = _parser(pdp_pb2.GetProposalRequest, wire.GET_PROPOSAL_REQUEST)
 
-    def unary(fn: Any, parse: Callable[[bytes], Any]) -> grpc.RpcMethodHandler:
+    def unary(fn: Any, parse: Callable[[bytes], Any]) -> grpc.RpcMethodHandler[Any, Any]:
         return grpc.unary_unary_rpc_method_handler(
             fn, request_deserializer=parse, response_serializer=lambda m: m.SerializeToString()
         )
@@ -196,7 +199,9 @@ def generic_handler(api: PolicyDecisionPointService) -> grpc.GenericRpcHandler:
             "GetProposal": unary(api.GetProposal, by_id),
             "CancelProposal": unary(api.CancelProposal, by_id),
             "WatchProposal": grpc.unary_stream_rpc_method_handler(
-                api.WatchProposal, request_deserializer=by_id, response_serializer=lambda m: m.SerializeToString()
+                api.WatchProposal,
+                request_deserializer=by_id,
+                response_serializer=lambda m: m.SerializeToString(),
             ),
         },
     )

@@ -74,9 +74,9 @@ def _walk(data: bytes, schema: Schema, path: str, depth: int) -> str | None:
         if len(chunk) != length:
             raise _Truncated
         pos += length
-        name, kind = schema.get(number, (None, None))
-        if name is None:
+        if number not in schema:
             continue
+        name, kind = schema[number]
         here = ".".join(p for p in (path, name) if p)
         if kind == "string":
             try:

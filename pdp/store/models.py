@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, MetaData, String, Table, Text, UniqueConstraint
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -96,5 +96,5 @@ class Proposal(Base):
     updated_at: Mapped[datetime]
 
 
-agents = Agent.__table__
-proposals = Proposal.__table__
+agents = cast(Table, Agent.__table__)
+proposals = cast(Table, Proposal.__table__)
