@@ -36,6 +36,28 @@ TOOLS: list[dict[str, Any]] = [
 
 DEFAULT_APPROVAL: dict[str, Any] = {"groups": ["ops"], "min_approvals": 1, "expires_in": "1h"}
 
+# The same Bundle and Tools documents as YAML text, for tests that write the other documents by hand.
+BUNDLE_TOOLS_YAML = f"""
+apiVersion: pdp/v1
+kind: Bundle
+name: test-bundle
+default_tier: ai_writable
+default_effect: deny
+default_approval: {{groups: [ops], min_approvals: 1, expires_in: 1h}}
+---
+apiVersion: pdp/v1
+kind: Tools
+tools:
+  - name: tickets
+    type: http
+    resource_prefix: "{TICKETS}"
+    operations: {{GET: read, POST: write, PATCH: write}}
+  - name: iam
+    type: http
+    resource_prefix: "iam://"
+    operations: {{get: read, set: write}}
+"""
+
 
 def write_yaml(directory: Path, name: str, *documents: Mapping[str, Any]) -> Path:
     """Write documents (separated by ``---``) to ``directory/name``."""
