@@ -375,20 +375,6 @@ BAD = [
 ]
 
 
-def _without_echoes(problems: list[Problem]) -> list[Problem]:
-    """Drop the follow-on problems the loader reports today next to the real one (each has an xfail test):
-    "no 'kind: Bundle' document" when the Bundle document is there but invalid, and a CEL error about the
-    internal ``__var_*`` names next to the real problem with a variable (unknown, cycle) at the same line."""
-    invalid_bundle = any(p.message.startswith("Bundle: ") for p in problems)
-    plain_at = {p.location for p in problems if "__var_" not in p.message}
-    return [
-        p
-        for p in problems
-        if not ("__var_" in p.message and p.location in plain_at)
-        and not (invalid_bundle and p.message.startswith("no 'kind: Bundle' document"))
-    ]
-
-
 @pytest.mark.parametrize("case", BAD, ids=lambda c: c.id)
 def test_problem_is_reported_at_file_and_line(tmp_path: Path, case: Bad) -> None:
     files = dict(case.files)
@@ -398,7 +384,7 @@ def test_problem_is_reported_at_file_and_line(tmp_path: Path, case: Bad) -> None
         (tmp_path / "rules.yaml").write_bytes(b"apiVersion: pdp/v1\nkind: Rules\n# \xff\xfe\n")
     error = load_files(tmp_path, files)
 
-    got = [(p.location.file, p.location.line, p.message) for p in _without_echoes(error.problems)]
+    got = [(p.location.file, p.location.line, p.message) for p in error.problems]
     assert len(got) == len(case.problems), got
     for (file, line, message), (want_file, want_line, fragment) in zip(got, case.problems, strict=True):
         assert (file, line) == (want_file or str(tmp_path), want_line), got
@@ -592,11 +578,6 @@ def test_policy_version_names_the_git_commit(tmp_path: Path) -> None:
 # --- known defects -----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a Bundle document that fails its schema is dropped before _compile, which then also reports "
-    "\"<dir>:0: no 'kind: Bundle' document\" although the file has one",
-)
 @pytest.mark.parametrize(
     "bundle",
     [
@@ -610,12 +591,6 @@ def test_invalid_bundle_document_is_not_also_missing(tmp_path: Path, bundle: str
     assert [p.location.file for p in error.problems] == ["bundle.yaml"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="variables are checked as their cel.bind(__var_x, ...) expansion, and its CEL error is reported as is: "
-    "problems show internal __var_ names and code the author never wrote; an unknown variable or a cycle is "
-    "reported twice (the real problem plus an 'undeclared reference to __var_...' one)",
-)
 @pytest.mark.parametrize(
     "variables",
     [
@@ -636,12 +611,29 @@ def test_variable_problems_show_what_the_author_wrote(tmp_path: Path, variables:
     assert len(lines) == len(set(lines))  # one problem per variable
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the loader refuses needs_approval rules and approval_required tiers without any approval, but not "
-    "default_effect: needs_approval without default_approval; every unmatched proposal is then denied at runtime",
-)
 def test_default_effect_needs_approval_requires_default_approval(tmp_path: Path) -> None:
     with pytest.raises(BundleError) as excinfo:
         make_bundle(tmp_path, default_effect="needs_approval", default_approval=None)
     assert "default_approval" in str(excinfo.value)
+
+
+# --- durations -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90s", 90), ("30m", 1800), ("1h", 3600), ("1h30m", 5400), ("2d", 172800), ("1d2h3m4s", 93784), ("1500ms", 1.5)],
+)
+def test_valid_durations(tmp_path: Path, text: str, seconds: float) -> None:
+    bundle = make_bundle(tmp_path, default_approval={"groups": ["ops"], "expires_in": text})
+    assert bundle.default_approval is not None
+    assert bundle.default_approval.expires_in.total_seconds() == seconds
+
+
+@pytest.mark.parametrize("text", ["30x", "1h30x", "x1h", "1.5h", "-5m", "0s", "0m0s", "", " ", "h", "1 h", "10"])
+def test_invalid_durations(tmp_path: Path, text: str) -> None:
+    with pytest.raises(BundleError) as excinfo:
+        make_bundle(tmp_path, default_approval={"groups": ["ops"], "expires_in": text})
+    [problem] = [p for p in excinfo.value.problems if p.location.file == "bundle.yaml"]
+    assert "default_approval.expires_in" in problem.message
+    assert "invalid duration" in problem.message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 from dataclasses import dataclass
 from enum import Enum
 
@@ -31,8 +32,11 @@ class CatalogViolation:
 
 # Dot segments (also percent-encoded) would let a resource that passes a prefix check point elsewhere
 # once a connector normalises it; the resource the policy saw must be the one the connector touches.
-_DOT_SEGMENT = re.compile(r"(^|/)(\.|%2e){1,2}(/|$|\?|#)", re.IGNORECASE)
-_UNSAFE_CHAR = re.compile(r"[\x00-\x20\x7f\\]")
+# Checked on the resource as written and once percent-decoded, so "..%2f" or "%2e%2e/" cannot slip by.
+_DOT_SEGMENT = re.compile(r"(^|/)\.{1,2}(/|$|\?|#)")
+_UNSAFE_RAW = re.compile(r"[\x00-\x20\x7f\\]")
+# An encoded space (%20) is fine; encoded control characters and backslashes are not.
+_UNSAFE_DECODED = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
 def resolve(tools: dict[str, Tool], tool: str, operation: str, resource: str) -> Kind | CatalogViolation:
@@ -50,7 +54,13 @@ def resolve(tools: dict[str, Tool], tool: str, operation: str, resource: str) ->
             "resource_outside_prefix",
             f"resource {resource!r} is outside tool {tool!r}'s prefix {spec.resource_prefix!r}",
         )
-    if _DOT_SEGMENT.search(resource) or _UNSAFE_CHAR.search(resource):
+    decoded = unquote(resource)
+    if (
+        _DOT_SEGMENT.search(resource)
+        or _UNSAFE_RAW.search(resource)
+        or _DOT_SEGMENT.search(decoded)
+        or _UNSAFE_DECODED.search(decoded)
+    ):
         return CatalogViolation(
             "resource_not_canonical",
             f"resource {resource!r} contains dot segments, whitespace, control characters or backslashes",

@@ -99,9 +99,11 @@ class CelProgram:
 class Environment:
     """The declared CEL environment all policy expressions compile in."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, declare_variables: bool = False) -> None:
         variables = {name: cel.Type(full_name) for name, full_name in _MESSAGE_TYPES.items()}
         variables["usage"] = cel.Type.Map(cel.Type.STRING, cel.Type.DYN)
+        if declare_variables:
+            variables["variables"] = cel.Type.Map(cel.Type.STRING, cel.Type.DYN)
         self._env = cel.NewEnv(
             descriptor_pool.Default(),
             config=cel.NewEnvConfigFromYaml(_ENV_CONFIG),

@@ -173,7 +173,9 @@ def _decide(bundle: PolicyBundle, request: DecisionInput) -> Decision:
     requirements: tuple[ApprovalRequirement, ...] = ()
     expires_at = None
     if outcome is Outcome.NEEDS_APPROVAL:
-        requirements, expires_at = _approvals(bundle, request.now, matched_rules, matched_boundaries, tier)
+        requirements, expires_at = _approvals(
+            bundle, request.now, matched_rules, matched_boundaries, tier, from_default=not effects
+        )
         if not requirements:  # nobody could ever approve it: say no now rather than let it hang
             outcome = Outcome.DENY
             errors.append(Reason("bundle.default_approval", Outcome.DENY, "needs approval but no approver is named"))
@@ -201,11 +203,15 @@ def _approvals(
     rules: list[Rule],
     boundaries: list[Boundary],
     tier: Tier,
+    *,
+    from_default: bool,
 ) -> tuple[tuple[ApprovalRequirement, ...], datetime | None]:
     """Every needs-approval source must be satisfied; the earliest expiry applies."""
     sources: list[tuple[str, Approval | None]] = [
         (f"rule:{r.id}", r.approval) for r in rules if r.effect is Outcome.NEEDS_APPROVAL
     ]
+    if from_default and bundle.default_effect is Outcome.NEEDS_APPROVAL:
+        sources.append(("bundle.default_effect", None))
     if tier is Tier.APPROVAL_REQUIRED:
         capping = [b for b in boundaries if b.tier is Tier.APPROVAL_REQUIRED]
         sources += [(f"boundary:{b.name}", b.approval) for b in capping]

@@ -50,15 +50,18 @@ class BundleError(Exception):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
-_ENVIRONMENT: Environment | None = None
+_ENVIRONMENTS: dict[bool, Environment] = {}
 
 
-def shared_environment() -> Environment:
-    """One CEL environment per process: building it parses the extension config."""
-    global _ENVIRONMENT  # noqa: PLW0603 — a process-wide, immutable cache
-    if _ENVIRONMENT is None:
-        _ENVIRONMENT = Environment()
-    return _ENVIRONMENT
+def shared_environment(*, lint: bool = False) -> Environment:
+    """One CEL environment per process (building one parses the extension config).
+
+    ``lint=True`` also declares ``variables`` as an untyped map, to check expressions as written.
+    """
+    env = _ENVIRONMENTS.get(lint)
+    if env is None:
+        env = _ENVIRONMENTS[lint] = Environment(declare_variables=lint)
+    return env
 
 
 def load_bundle(directory: str | Path) -> PolicyBundle:
@@ -69,6 +72,7 @@ def load_bundle(directory: str | Path) -> PolicyBundle:
 # --- variables --------------------------------------------------------------------------------------
 
 _VARIABLE_REF = re.compile(r"(?<![\w.])variables\.([A-Za-z_]\w*)")
+_VARIABLE_ALIAS = re.compile(r"__var_([A-Za-z_]\w*)")
 _STRING_START = re.compile(r"""[rRbB]{0,2}('''|\"\"\"|'|")""")
 
 
@@ -158,6 +162,8 @@ class _Loader:
         self.directory = directory
         self.problems: list[Problem] = []
         self.env = shared_environment()
+        self.saw_bundle_kind = False
+        self.lint_env = shared_environment(lint=True)
 
     def problem(self, location: Location, message: str) -> None:
         self.problems.append(Problem(location, message))
@@ -185,6 +191,7 @@ class _Loader:
                 continue
             kind = doc.data.get("kind")
             model = DOCUMENT_KINDS.get(kind) if isinstance(kind, str) else None
+            self.saw_bundle_kind |= kind == "Bundle"
             if model is None:
                 known = ", ".join(DOCUMENT_KINDS)
                 self.problem(doc.location(("kind",)), f"unknown kind {kind!r} (expected one of: {known})")
@@ -214,7 +221,7 @@ class _Loader:
     # stage 2: compile every expression, build the catalog, check cross-references
     def _compile(self, parsed: list[tuple[Any, Document]], digest: str) -> PolicyBundle | None:
         bundles = [(m, d) for m, d in parsed if isinstance(m, BundleDoc)]
-        if not bundles:
+        if not bundles and not self.saw_bundle_kind:  # an invalid one was already reported
             self.problem(Location(str(self.directory), 0), "no 'kind: Bundle' document (it sets default_tier)")
         for _, doc in bundles[1:]:
             self.problem(doc.location(), "more than one 'kind: Bundle' document")
@@ -229,6 +236,11 @@ class _Loader:
 
         if head is None:
             return None
+        if head.default_effect == "needs_approval" and default_approval is None:
+            self.problem(
+                bundles[0][1].location(("default_effect",)),
+                "default_effect needs_approval needs default_approval (who approves when no rule matches)",
+            )
         if head.default_tier == "approval_required" and default_approval is None:
             doc = bundles[0][1]
             self.problem(
@@ -312,17 +324,9 @@ class _Loader:
                 continue
             variables = _Variables(dict(model.variables))
             broken: set[str] = set()
-            for name in model.variables:
+            for name, source in model.variables.items():
                 where = doc.location(("variables", name))
-                expanded, problems = variables.expand(f"variables.{name}")
-                for message in problems:
-                    self.problem(where, f"variable {name!r}: {message}")
-                try:
-                    self.env.check(expanded)
-                except CelError as exc:
-                    self.problem(where, f"variable {name!r}: {exc}")
-                    problems.append(str(exc))
-                if problems:
+                if self._check_expression(variables, broken, source, None, where, f"variable {name!r}") is None:
                     broken.add(name)
             for i, spec in enumerate(model.rules):
                 here = ("rules", i)
@@ -391,15 +395,42 @@ class _Loader:
         rule_id: str,
         what: str,
     ) -> CelProgram | None:
+        program = self._check_expression(variables, broken, source, result, where, f"rule {rule_id!r} {what}")
+        return program if isinstance(program, CelProgram) else None
+
+    def _check_expression(
+        self,
+        variables: _Variables,
+        broken: set[str],
+        source: str,
+        result: ResultType | None,
+        where: Location,
+        what: str,
+    ) -> CelProgram | bool | None:
+        """Compile ``source`` with its variables bound; report problems in the author's own terms.
+
+        Returns the program (or True for a variable, which has no result type), or None on error.
+        """
         expanded, problems = variables.expand(source)
         for message in problems:
-            self.problem(where, f"rule {rule_id!r} {what}: {message}")
-        if problems or broken.intersection(_references(source)):
+            self.problem(where, f"{what}: {message}")
+        if problems:
             return None
-        program = self._cel(expanded, result, where, f"rule {rule_id!r} {what}")
-        if program is not None:
-            # Errors and reasons should show what the author wrote, not the cel.bind expansion.
-            program.source = source
+        if broken.intersection(_references(source)):
+            return None  # the variable's own problem was reported where it is defined
+        try:
+            # First as written, with `variables` an untyped map: syntax errors and unknown names
+            # point at the author's text. Then expanded, which type-checks through the variables.
+            self.lint_env.check(source)
+            if result is None:
+                self.env.check(expanded)
+                return True
+            program = self.env.compile(expanded, result)
+        except CelError as exc:
+            message = _VARIABLE_ALIAS.sub(r"variables.\1", str(exc))
+            self.problem(where, f"{what}: {message}")
+            return None
+        program.source = source
         return program
 
     def _tests(

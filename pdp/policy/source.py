@@ -70,7 +70,14 @@ _SCALARS = yaml.SafeLoader("")
 
 
 def _bundle_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.suffix in {".yaml", ".yml"} and p.is_file())
+    # Hidden directories (.git, .github) hold CI config and the like, never policy.
+    return sorted(
+        p
+        for p in directory.rglob("*")
+        if p.suffix in {".yaml", ".yml"}
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )
 
 
 def read_documents(directory: Path) -> tuple[list[Document], str]:
