@@ -13,7 +13,7 @@ from bundles import TICKETS, make_bundle, request, write_bundle, write_text
 from pdp.policy.catalog import Kind
 from pdp.policy.decision import Outcome, Tier
 from pdp.policy.engine import decide
-from pdp.policy.loader import BundleError, Problem, load_bundle
+from pdp.policy.loader import BundleError, load_bundle
 
 BUNDLE = """
 apiVersion: pdp/v1

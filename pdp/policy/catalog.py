@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote
 from dataclasses import dataclass
 from enum import Enum
+from urllib.parse import unquote
 
 
 class Kind(Enum):
