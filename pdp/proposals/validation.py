@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ MAX_OPERATION = 200
 MAX_RESOURCE = 2048
 MAX_JUSTIFICATION = 4096
 MAX_KEY = 200
+MAX_PROPOSAL_ID = 64
 MAX_PARAMS_BYTES = 64 * 1024
 MAX_PARAMS_DEPTH = 16
 MAX_LABELS = 64
@@ -25,6 +27,7 @@ MAX_LABEL_KEY = 63
 MAX_LABEL_VALUE = 256
 # JSON numbers are doubles: an integral value beyond 2**53 would silently change.
 _MAX_EXACT = 2**53
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +100,13 @@ def _labels(field: str, labels: Any) -> dict[str, str]:
         )
         for k, v in labels.items()
     }
+
+
+def validate_proposal_id(proposal_id: str) -> str:
+    _text("proposal_id", proposal_id, maximum=MAX_PROPOSAL_ID)
+    if _CONTROL.search(proposal_id):
+        raise InvalidArgument("proposal_id", "contains control characters")
+    return proposal_id
 
 
 def validate(request: pdp_pb2.ProposeRequest) -> ProposalInput:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -11,16 +10,16 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from pdp.config import Config
-from pdp.policy.loader import load_bundle
+from pdp.policy.loader import BundleError, load_bundle
 from pdp.proposals.service import BundleHolder, ProposalService
 from pdp.server.grpc_api import SERVICE_NAME, PolicyDecisionPointService, generic_handler
 from pdp.store.database import create_db_engine
 from pdp.store.migrate import is_current
 from pdp.store.writer import GroupCommitWriter
-
-log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 1024 * 1024
 WORKER_THREADS = 8
@@ -34,61 +33,81 @@ class StartupError(Exception):
 class RunningServer:
     server: grpc.aio.Server
     port: int
+    api: PolicyDecisionPointService
     writer: GroupCommitWriter
     pool: ThreadPoolExecutor
     health: health.aio.HealthServicer
+    policy_version: str
 
     async def stop(self, grace: float = 5.0) -> None:
+        """NOT_SERVING, end watch streams, let in-flight calls finish, commit queued writes."""
         await self.health.enter_graceful_shutdown()
+        self.api.stopping.set()
         await self.server.stop(grace)
         self.writer.close()
         self.pool.shutdown(wait=True)
 
 
+def _bind(server: grpc.aio.Server, address: str) -> int:
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpcio raises when the address is taken or invalid
+        raise StartupError(f"cannot listen on {address}: {exc}") from exc
+    if port == 0:
+        raise StartupError(f"cannot listen on {address}")
+    return port
+
+
 async def start(config: Config) -> RunningServer:
     """Load the bundle, check the schema, bind, and start serving. Refuses with StartupError."""
-    from pdp.policy.loader import BundleError
-
     try:
         bundle = load_bundle(config.policy_dir)
     except BundleError as exc:
         raise StartupError(f"policy bundle {config.policy_dir!r} does not load:\n{exc}") from exc
     reader = create_db_engine(config.database_url, pool_size=WORKER_THREADS)
-    if not is_current(reader):
+    try:
+        current = is_current(reader)
+    except SQLAlchemyError as exc:
+        reader.dispose()
+        raise StartupError(f"cannot reach the database {reader.url!r}: {exc.__class__.__name__}") from exc
+    if not current:
+        reader.dispose()
         raise StartupError("the database schema is not current: run `pdp db upgrade` first")
-    writer_engine = create_db_engine(config.database_url, writer=True, pool_size=1)
-    writer = GroupCommitWriter(writer_engine)
-    pool = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="pdp-io")
-    service = ProposalService(reader, writer, BundleHolder(bundle), config.environment)
 
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 1),
+            # Off: a second `pdp serve` on a taken port must fail, not silently share its traffic.
+            ("grpc.so_reuseport", 0),
         ]
     )
-    server.add_generic_rpc_handlers((generic_handler(PolicyDecisionPointService(service, pool)),))
+    try:
+        port = _bind(server, config.grpc_addr)
+    except StartupError:
+        reader.dispose()
+        raise
+    writer = GroupCommitWriter(create_db_engine(config.database_url, writer=True, pool_size=1))
+    pool = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="pdp-io")
+    api = PolicyDecisionPointService(ProposalService(reader, writer, BundleHolder(bundle), config.environment), pool)
+    server.add_generic_rpc_handlers((generic_handler(api),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(config.grpc_addr)
-    if port == 0:
-        raise StartupError(f"cannot listen on {config.grpc_addr}")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s on %s with policy %s", SERVICE_NAME, config.grpc_addr, bundle.policy_version)
-    return RunningServer(server, port, writer, pool, health_servicer)
+    return RunningServer(server, port, api, writer, pool, health_servicer, bundle.policy_version)
 
 
 async def serve(config: Config) -> None:
     running = await start(config)
-    bundle_note = f"policy bundle {config.policy_dir}"
+    host = config.grpc_addr.rsplit(":", 1)[0]
     print(
-        f"pdp: agent gRPC API on {config.grpc_addr} ({bundle_note}, database {config.database_url})",
+        f"pdp: agent gRPC API on {host}:{running.port}, policy {config.policy_dir} ({running.policy_version}), "
+        f"database {make_url(config.database_url).render_as_string(hide_password=True)}",
         flush=True,
     )
     stop = asyncio.Event()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,10 +16,10 @@ from google.protobuf.message import DecodeError, Message
 from sqlalchemy.exc import SQLAlchemyError
 
 from pdp import errors
-from pdp.errors import InvalidArgument, PdpError, Unauthenticated
+from pdp.errors import InvalidArgument, PdpError, Unauthenticated, Unavailable
 from pdp.policy.engine import AgentIdentity
 from pdp.proposals.service import ProposalService
-from pdp.proposals.validation import validate
+from pdp.proposals.validation import validate, validate_proposal_id
 from pdp.server import wire
 from pdp.server.convert import STATES, decision_message, proposal_message
 from pdp.v1 import pdp_pb2
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "pdp.v1.PolicyDecisionPoint"
-MAX_PROPOSAL_ID = 64
 WATCH_POLL_SECONDS = 0.25
 
 # Typed errors to status codes: the only place this mapping exists.
@@ -85,6 +85,8 @@ class PolicyDecisionPointService:
     def __init__(self, service: ProposalService, pool: ThreadPoolExecutor) -> None:
         self._service = service
         self._pool = pool
+        # Set at shutdown so open WatchProposal streams end at once instead of holding the grace period.
+        self.stopping = asyncio.Event()
 
     async def _blocking(self, fn: Callable[..., R], *args: Any) -> R:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -104,12 +106,7 @@ class PolicyDecisionPointService:
 
     @staticmethod
     def _proposal_id(request: pdp_pb2.GetProposalRequest) -> str:
-        proposal_id = request.proposal_id
-        if not proposal_id.strip():
-            raise InvalidArgument("proposal_id", "is required")
-        if len(proposal_id) > MAX_PROPOSAL_ID:
-            raise InvalidArgument("proposal_id", f"is longer than {MAX_PROPOSAL_ID} characters")
-        return proposal_id
+        return validate_proposal_id(request.proposal_id)
 
     @_unary
     async def Propose(  # noqa: N802 — gRPC method names are fixed by the contract
@@ -163,7 +160,10 @@ class PolicyDecisionPointService:
                     yield proposal_message(record)
                 if record.state.terminal:
                     return
-                await asyncio.sleep(WATCH_POLL_SECONDS)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), WATCH_POLL_SECONDS)
+                if self.stopping.is_set():
+                    raise Unavailable("server is shutting down; watch again")
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
