@@ -77,7 +77,13 @@ class GroupCommitWriter:
                     stop = True
                     break
                 batch.append(item)
-            self._commit(batch)
+            try:
+                self._commit(batch)
+            except BaseException as exc:  # never strand a caller: a dead writer would hang every request
+                log.exception("writer failed")
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
             if stop:
                 return
 
