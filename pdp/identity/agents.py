@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
 from pdp.errors import AlreadyExists, NotFound, Unauthenticated
 from pdp.identity.tokens import new_token, token_hash
@@ -72,13 +74,70 @@ def revoke_agent(engine: Engine, agent_id: str) -> None:
                 raise NotFound(f"agent {agent_id!r} does not exist")
 
 
-def authenticate(conn: Connection, token: str) -> AgentIdentity:
-    """The agent a token belongs to, read from the database on every call so revocation is immediate."""
-    row = conn.execute(
-        select(agents.c.id, agents.c.owner, agents.c.roles, agents.c.labels).where(
-            agents.c.token_hash == token_hash(token), agents.c.revoked_at.is_(None)
-        )
-    ).first()
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """An authenticated agent and the digest of the token it presented."""
+
+    agent: AgentIdentity
+    token_hash: str
+
+
+_BY_TOKEN = select(agents.c.id, agents.c.owner, agents.c.roles, agents.c.labels).where(
+    agents.c.token_hash == bindparam("token_hash"), agents.c.revoked_at.is_(None)
+)
+_ACTIVE = select(agents.c.id).where(
+    agents.c.id == bindparam("agent_id"),
+    agents.c.token_hash == bindparam("token_hash"),
+    agents.c.revoked_at.is_(None),
+)
+
+
+def authenticate(conn: Connection, token: str) -> Caller:
+    """The agent a token belongs to; Unauthenticated if the token is unknown or revoked."""
+    digest = token_hash(token)
+    row = conn.execute(_BY_TOKEN, {"token_hash": digest}).first()
     if row is None:
         raise Unauthenticated("unknown or revoked token")
-    return AgentIdentity(row.id, row.owner, tuple(row.roles), dict(row.labels))
+    return Caller(AgentIdentity(row.id, row.owner, tuple(row.roles), dict(row.labels)), digest)
+
+
+def require_active(conn: Connection, caller: Caller) -> None:
+    """Raise Unauthenticated unless the caller's token is still valid, inside the caller's own transaction.
+
+    Every database operation an agent triggers runs this first, so a revocation takes effect on the
+    agent's next request even when its identity came from :class:`TokenCache`.
+    """
+    if conn.execute(_ACTIVE, {"agent_id": caller.agent.id, "token_hash": caller.token_hash}).first() is None:
+        raise Unauthenticated("unknown or revoked token")
+
+
+class TokenCache:
+    """Token digest → identity, so the hot path skips a database round trip to learn who is calling.
+
+    Safe because an agent's identity never changes after creation (only revocation does, and
+    :func:`require_active` checks that in every transaction). Unknown tokens are never cached.
+    """
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self._entries: OrderedDict[str, Caller] = OrderedDict()
+        self._max = max_entries
+        self._lock = threading.Lock()
+
+    def get(self, token: str) -> Caller | None:
+        digest = token_hash(token)
+        with self._lock:
+            caller = self._entries.get(digest)
+            if caller is not None:
+                self._entries.move_to_end(digest)
+            return caller
+
+    def put(self, caller: Caller) -> None:
+        with self._lock:
+            self._entries[caller.token_hash] = caller
+            self._entries.move_to_end(caller.token_hash)
+            while len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+
+    def forget(self, caller: Caller) -> None:
+        with self._lock:
+            self._entries.pop(caller.token_hash, None)

@@ -12,10 +12,10 @@ from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from pdp.canonical import digest
-from pdp.identity.agents import authenticate
+from pdp.identity.agents import Caller, TokenCache, authenticate, require_active
 from pdp.policy.bundle import PolicyBundle
 from pdp.policy.decision import Decision
 from pdp.policy.engine import AgentIdentity, DecisionInput, decide
@@ -60,20 +60,39 @@ class ProposalService:
         self._bundles = bundles
         self._environment = environment
         self._clock = clock
+        self._tokens = TokenCache()
 
-    def authenticate(self, token: str) -> AgentIdentity:
+    def identify(self, token: str) -> Caller | None:
+        """The caller from the in-process cache, without I/O; None means :meth:`authenticate` is needed."""
+        return self._tokens.get(token)
+
+    def authenticate(self, token: str) -> Caller:
         with self._engine.connect() as conn:
-            return authenticate(conn, token)
+            caller = authenticate(conn, token)
+        self._tokens.put(caller)
+        return caller
+
+    def forget(self, caller: Caller) -> None:
+        """Drop a caller whose token turned out to be revoked."""
+        self._tokens.forget(caller)
 
     def _decision_input(self, agent: AgentIdentity, proposal: ProposalInput, now: datetime) -> DecisionInput:
         return DecisionInput(agent=agent, action=proposal.action, now=now, environment=self._environment)
 
-    def evaluate(self, agent: AgentIdentity, proposal: ProposalInput) -> Decision:
-        """Dry run: the same decision, nothing recorded."""
-        return decide(self._bundles.bundle, self._decision_input(agent, proposal, self._clock()))
+    def check_active(self, caller: Caller) -> None:
+        with self._engine.connect() as conn:
+            require_active(conn, caller)
 
-    def propose(self, agent: AgentIdentity, proposal: ProposalInput) -> Future[Recorded]:
-        """Decide now; the future resolves once the proposal and its decision are durable."""
+    def evaluate(self, caller: Caller, proposal: ProposalInput) -> Decision:
+        """Dry run: the same decision, nothing recorded (the caller must have been checked active)."""
+        return decide(self._bundles.bundle, self._decision_input(caller.agent, proposal, self._clock()))
+
+    def propose(self, caller: Caller, proposal: ProposalInput) -> Future[Recorded]:
+        """Decide now; the future resolves once the proposal and its decision are durable.
+
+        The token is re-checked inside the recording transaction, so a revoked agent records nothing.
+        """
+        agent = caller.agent
         now = self._clock()
         request = self._decision_input(agent, proposal, now)
         decision = decide(self._bundles.bundle, request)
@@ -92,15 +111,26 @@ class ProposalService:
             created_at=now,
             updated_at=now,
         )
-        return self._writer.submit(lambda conn: store.record_proposal(conn, record))
 
-    def get(self, agent: AgentIdentity, proposal_id: str) -> ProposalRecord:
+        def unit(conn: Connection) -> Recorded:
+            require_active(conn, caller)
+            return store.record_proposal(conn, record)
+
+        return self._writer.submit(unit)
+
+    def get(self, caller: Caller, proposal_id: str) -> ProposalRecord:
         with self._engine.connect() as conn:
-            return store.get_proposal(conn, proposal_id, agent.id)
+            require_active(conn, caller)
+            return store.get_proposal(conn, proposal_id, caller.agent.id)
 
-    def cancel(self, agent: AgentIdentity, proposal_id: str) -> Future[ProposalRecord]:
+    def cancel(self, caller: Caller, proposal_id: str) -> Future[ProposalRecord]:
         now = self._clock()
-        return self._writer.submit(lambda conn: store.cancel_proposal(conn, proposal_id, agent.id, now))
+
+        def unit(conn: Connection) -> ProposalRecord:
+            require_active(conn, caller)
+            return store.cancel_proposal(conn, proposal_id, caller.agent.id, now)
+
+        return self._writer.submit(unit)
 
 
 def _decision_context(request: DecisionInput) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pdp import errors
 from pdp.errors import InvalidArgument, PdpError, Unauthenticated, Unavailable
-from pdp.policy.engine import AgentIdentity
+from pdp.identity.agents import Caller
 from pdp.proposals.service import ProposalService
 from pdp.proposals.validation import validate, validate_proposal_id
 from pdp.server import wire
@@ -91,7 +91,7 @@ class PolicyDecisionPointService:
     async def _blocking(self, fn: Callable[..., R], *args: Any) -> R:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    async def _agent(self, context: Context) -> AgentIdentity:
+    async def _caller(self, context: Context) -> Caller:
         token = ""
         for key, value in context.invocation_metadata() or ():
             if key == "authorization" and isinstance(value, str):
@@ -102,7 +102,18 @@ class PolicyDecisionPointService:
         token = token.strip()
         if not token:
             raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
+        cached = self._service.identify(token)
+        if cached is not None:
+            return cached  # still checked active inside whatever the request does next
         return await self._blocking(self._service.authenticate, token)
+
+    async def _checked(self, caller: Caller, call: Awaitable[R]) -> R:
+        """Await ``call``; if it found the token revoked, drop the cached identity."""
+        try:
+            return await call
+        except Unauthenticated:
+            self._service.forget(caller)
+            raise
 
     @staticmethod
     def _proposal_id(request: pdp_pb2.GetProposalRequest) -> str:
@@ -112,9 +123,9 @@ class PolicyDecisionPointService:
     async def Propose(  # noqa: N802 — gRPC method names are fixed by the contract
         self, request: pdp_pb2.ProposeRequest, context: Context
     ) -> pdp_pb2.ProposeResponse:
-        agent = await self._agent(context)
+        caller = await self._caller(context)
         proposal = validate(request)
-        recorded = await asyncio.wrap_future(self._service.propose(agent, proposal))
+        recorded = await self._checked(caller, asyncio.wrap_future(self._service.propose(caller, proposal)))
         record = recorded.record
         return pdp_pb2.ProposeResponse(
             proposal_id=record.id, decision=decision_message(record.decision), state=STATES[record.state]
@@ -124,23 +135,26 @@ class PolicyDecisionPointService:
     async def Evaluate(  # noqa: N802
         self, request: pdp_pb2.ProposeRequest, context: Context
     ) -> pdp_pb2.Decision:
-        agent = await self._agent(context)
-        return decision_message(self._service.evaluate(agent, validate(request)))
+        caller = await self._caller(context)
+        proposal = validate(request)
+        await self._checked(caller, self._blocking(self._service.check_active, caller))
+        return decision_message(self._service.evaluate(caller, proposal))
 
     @_unary
     async def GetProposal(  # noqa: N802
         self, request: pdp_pb2.GetProposalRequest, context: Context
     ) -> pdp_pb2.Proposal:
-        agent = await self._agent(context)
-        record = await self._blocking(self._service.get, agent, self._proposal_id(request))
+        caller = await self._caller(context)
+        record = await self._checked(caller, self._blocking(self._service.get, caller, self._proposal_id(request)))
         return proposal_message(record)
 
     @_unary
     async def CancelProposal(  # noqa: N802
         self, request: pdp_pb2.GetProposalRequest, context: Context
     ) -> pdp_pb2.Proposal:
-        agent = await self._agent(context)
-        record = await asyncio.wrap_future(self._service.cancel(agent, self._proposal_id(request)))
+        caller = await self._caller(context)
+        proposal_id = self._proposal_id(request)
+        record = await self._checked(caller, asyncio.wrap_future(self._service.cancel(caller, proposal_id)))
         return proposal_message(record)
 
     async def WatchProposal(  # noqa: N802
@@ -149,11 +163,11 @@ class PolicyDecisionPointService:
         try:
             if isinstance(request, Malformed):
                 raise InvalidArgument(request.field, "is not valid UTF-8 or cannot be parsed")
-            agent = await self._agent(context)
+            caller = await self._caller(context)
             proposal_id = self._proposal_id(request)
             last = None
             while True:
-                record = await self._blocking(self._service.get, agent, proposal_id)
+                record = await self._checked(caller, self._blocking(self._service.get, caller, proposal_id))
                 seen = (record.state, record.updated_at)
                 if seen != last:
                     last = seen
