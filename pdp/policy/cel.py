@@ -81,18 +81,18 @@ class CelProgram:
         """Evaluate; raise :class:`CelError` for any error or mistyped result."""
         try:
             value = self._expr.eval(activation)
-            kind = value.type()
             result = value.value()
+            # Fast path: a bool can only come from a BOOL value (errors come back as str).
+            if self.result_type is ResultType.BOOL and type(result) is bool:
+                return result
+            kind = value.type()
         except Exception as exc:  # cel-cpp surfaces some failures as exceptions
             raise CelError(_clean(str(exc))) from exc
         if kind == cel.Type.ERROR:
             raise CelError(_clean(str(result)))
-        if self.result_type is ResultType.BOOL:
-            if kind != cel.Type.BOOL or not isinstance(result, bool):
-                raise CelError(f"expected bool, got {kind.name()}")
-            return result
-        if kind != cel.Type.STRING or not isinstance(result, str):
-            raise CelError(f"expected string, got {kind.name()}")
+        expected = cel.Type.BOOL if self.result_type is ResultType.BOOL else cel.Type.STRING
+        if kind != expected or not isinstance(result, bool | str):
+            raise CelError(f"expected {self.result_type.value}, got {kind.name()}")
         return result
 
 
