@@ -430,6 +430,33 @@ def test_revoked_token_is_refused_on_the_very_next_request(server: Server) -> No
     assert server.count(agent.id) == 1
 
 
+REVOKED_CALLS: dict[str, Callable[[PdpClient, str], object]] = {
+    "Propose": lambda c, _id: c.send(valid_request()),
+    "Evaluate": lambda c, _id: c.evaluate("tickets", "POST", TICKETS, "why"),
+    "GetProposal": lambda c, pid: c.get(pid),
+    "CancelProposal": lambda c, pid: c.cancel(pid),
+    "WatchProposal": lambda c, pid: list(c.watch(pid, timeout=10)),
+}
+
+
+@pytest.mark.parametrize("rpc", list(REVOKED_CALLS))
+def test_revocation_beats_the_identity_cache_on_every_rpc(server: Server, rpc: str) -> None:
+    """The server caches verified identities; each RPC must still see a revocation at once."""
+    agent = server.add_agent()
+    client = server.client(agent.token)
+    pending = client.send(valid_request(params={"count": 40}))  # warms the cache for this token
+    assert pending.state == pdp_pb2.PENDING_APPROVAL
+
+    revoke_agent(server.engine, agent.id)
+
+    assert_refused(
+        server, lambda: REVOKED_CALLS[rpc](client, pending.proposal_id), grpc.StatusCode.UNAUTHENTICATED, "revoked"
+    )
+    assert server.count(agent.id) == 1
+    row = server.row(pending.proposal_id)
+    assert row is not None and row["state"] == "PENDING_APPROVAL"
+
+
 # --- The server refuses to start on a broken bundle or an old schema --------------------------------
 
 
