@@ -6,15 +6,18 @@ with the gRPC status code and the server's message (which names the bad field).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, Self, TypeVar, cast
 
 import grpc
+from google.protobuf.message import Message
 
 from pdp.v1 import pdp_pb2, pdp_pb2_grpc
 
 __all__ = ["PdpClient", "PdpClientError", "pdp_pb2"]
+
+R = TypeVar("R")
 
 
 class PdpClientError(Exception):
@@ -78,48 +81,25 @@ class PdpClient:
         """Record and decide a proposal. Same ``idempotency_key`` → the same proposal back."""
         return self.send(self.request(tool, operation, resource, justification, **kw))
 
-    def send(self, request: pdp_pb2.ProposeRequest) -> pdp_pb2.ProposeResponse:
+    def _call(self, method: Callable[..., R], request: Message) -> R:
         try:
-            response: pdp_pb2.ProposeResponse = self._stub.Propose(
-                request, metadata=self._metadata, timeout=self._timeout
-            )
+            return method(request, metadata=self._metadata, timeout=self._timeout)
         except grpc.RpcError as exc:
             raise _wrap(exc) from None
-        return response
+
+    def send(self, request: pdp_pb2.ProposeRequest) -> pdp_pb2.ProposeResponse:
+        return self._call(self._stub.Propose, request)
 
     def evaluate(self, tool: str, operation: str, resource: str, justification: str, **kw: Any) -> pdp_pb2.Decision:
         """Dry run: the decision a proposal would get; nothing is recorded."""
-        try:
-            decision: pdp_pb2.Decision = self._stub.Evaluate(
-                self.request(tool, operation, resource, justification, **kw),
-                metadata=self._metadata,
-                timeout=self._timeout,
-            )
-        except grpc.RpcError as exc:
-            raise _wrap(exc) from None
-        return decision
+        return self._call(self._stub.Evaluate, self.request(tool, operation, resource, justification, **kw))
 
     def get(self, proposal_id: str) -> pdp_pb2.Proposal:
-        try:
-            proposal: pdp_pb2.Proposal = self._stub.GetProposal(
-                pdp_pb2.GetProposalRequest(proposal_id=proposal_id),
-                metadata=self._metadata,
-                timeout=self._timeout,
-            )
-        except grpc.RpcError as exc:
-            raise _wrap(exc) from None
-        return proposal
+        return self._call(self._stub.GetProposal, pdp_pb2.GetProposalRequest(proposal_id=proposal_id))
 
     def cancel(self, proposal_id: str) -> pdp_pb2.Proposal:
-        try:
-            proposal: pdp_pb2.Proposal = self._stub.CancelProposal(
-                pdp_pb2.GetProposalRequest(proposal_id=proposal_id),
-                metadata=self._metadata,
-                timeout=self._timeout,
-            )
-        except grpc.RpcError as exc:
-            raise _wrap(exc) from None
-        return proposal
+        """Withdraw a proposal that is still pending approval."""
+        return self._call(self._stub.CancelProposal, pdp_pb2.GetProposalRequest(proposal_id=proposal_id))
 
     def watch(self, proposal_id: str, timeout: float | None = None) -> Iterator[pdp_pb2.Proposal]:
         """One message per state change; ends at a terminal state."""

@@ -229,11 +229,11 @@ def test_policy_eval_prints_the_decision(tmp_path: Path, cli_env: dict[str, str]
 
     result = pdp("policy", "eval", str(POLICIES), "--input", str(path), env=cli_env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "outcome:        needs_approval" in result.stdout
+    assert "outcome:        NEEDS_APPROVAL" in result.stdout
     assert "rule:tickets-bulk" in result.stdout
     assert "support-leads" in result.stdout
     # `now` is an input: the expiry follows it (tickets-bulk approvals expire in 2h).
-    assert "2026-01-05T12:00:00+00:00" in result.stdout
+    assert "expires_at:     2026-01-05T12:00:00Z" in result.stdout
 
     as_json = pdp("policy", "eval", str(POLICIES), "--input", str(path), "--json", env=cli_env, cwd=tmp_path)
     decision = json.loads(as_json.stdout)

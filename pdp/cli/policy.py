@@ -10,12 +10,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from pdp.cli.render import print_decision
 from pdp.policy.bundle import PolicyBundle
 from pdp.policy.decision import Decision
 from pdp.policy.documents import TestInput
 from pdp.policy.engine import decide
 from pdp.policy.loader import BundleError, load_bundle
 from pdp.policy.testing import decision_input, run_tests
+from pdp.server.convert import decision_message
 
 
 def register(commands: Any) -> None:
@@ -90,21 +92,6 @@ def run_test(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def print_decision(decision: Decision) -> None:
-    print(f"outcome:        {decision.outcome.value}")
-    print(f"boundary:       {decision.boundary or '-'} (tier {decision.tier or '-'})")
-    print(f"policy_version: {decision.policy_version}")
-    for requirement in decision.approval_requirements:
-        print(f"approval:       {requirement.source}: {requirement.min_approvals} of {', '.join(requirement.groups)}")
-    if decision.approval_expires_at:
-        print(f"expires_at:     {decision.approval_expires_at.isoformat()}")
-    if decision.retry_after_seconds:
-        print(f"retry_after:    {decision.retry_after_seconds}s")
-    print("reasons:")
-    for reason in decision.reasons:
-        print(f"  - {reason.rule_id} ({reason.effect.value}): {reason.message}")
-
-
 def run_eval(args: argparse.Namespace) -> int:
     bundle = _load(args.dir, "eval")
     if bundle is None:
@@ -118,5 +105,5 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(decision.to_dict(), indent=2))
     else:
-        print_decision(decision)
+        print_decision(decision_message(decision))
     return 0
