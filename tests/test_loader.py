@@ -637,3 +637,52 @@ def test_invalid_durations(tmp_path: Path, text: str) -> None:
     [problem] = [p for p in excinfo.value.problems if p.location.file == "bundle.yaml"]
     assert "default_approval.expires_in" in problem.message
     assert "invalid duration" in problem.message
+
+
+def test_a_schema_error_in_one_rule_does_not_hide_the_others(tmp_path: Path) -> None:
+    """Items of a list are validated one by one: the valid rules still compile and report their problems."""
+    text = """
+        apiVersion: pdp/v1
+        kind: Rules
+        rules:
+          - id: typo
+            effect: allow
+            colour: blue
+            when: 'true'
+          - id: typed
+            effect: allow
+            when: 'action.resourse == "x"'
+    """
+    error = load_files(tmp_path, {"bundle.yaml": BUNDLE, "tools.yaml": TOOLS, "rules.yaml": text})
+    got = [(p.location.file, p.location.line, p.message) for p in error.problems]
+    assert len(got) == 2, got
+    assert got[0][:2] == ("rules.yaml", 6) and "colour: unknown key" in got[0][2]
+    assert got[1][:2] == ("rules.yaml", 10) and "undefined field 'resourse'" in got[1][2]
+
+
+def test_tests_naming_a_broken_rule_are_not_reported_as_unknown(tmp_path: Path) -> None:
+    """A rule that fails to compile is reported once, where it is written, not again by every test naming it."""
+    files = {
+        "bundle.yaml": BUNDLE,
+        "tools.yaml": TOOLS,
+        "rules.yaml": rules("'action.resourse == \"x\"'"),
+        "tests.yaml": """
+            apiVersion: pdp/v1
+            kind: PolicyTest
+            tests:
+              - name: names the broken rule
+                input:
+                  agent: {id: a}
+                  action: {tool: tickets, operation: GET, resource: "https://tickets.internal/api/1"}
+                expect: {outcome: allow, rules: [r1]}
+        """,
+    }
+    error = load_files(tmp_path, files)
+    assert [(p.location.file, p.location.line) for p in error.problems] == [("rules.yaml", 6)]
+
+
+def test_an_invalid_bundle_document_does_not_make_approvals_look_missing(tmp_path: Path) -> None:
+    bundle = BUNDLE_WITH_APPROVAL.replace("default_tier: ai_writable\n", "")
+    error = load_files(tmp_path, {"bundle.yaml": bundle, "tools.yaml": TOOLS, "rules.yaml": rules("'true'")})
+    messages = [p.message for p in error.problems]
+    assert len(messages) == 1 and "default_tier" in messages[0], messages

@@ -46,7 +46,7 @@ def _load(directory: Path, command: str) -> PolicyBundle | None:
     except BundleError as exc:
         print(f"pdp policy {command}: {directory} has {len(exc.problems)} problem(s):", file=sys.stderr)
         for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+            print("  " + str(problem).replace("\n", "\n      "), file=sys.stderr)
         return None
 
 

@@ -72,6 +72,8 @@ def load_bundle(directory: str | Path) -> PolicyBundle:
 # --- variables --------------------------------------------------------------------------------------
 
 _VARIABLE_REF = re.compile(r"(?<![\w.])variables\.([A-Za-z_]\w*)")
+# The list in each kind whose items are validated one by one when the document as a whole is not valid.
+_ITEM_LISTS = {"Rules": "rules", "Boundaries": "boundaries", "Tools": "tools", "PolicyTest": "tests"}
 _VARIABLE_ALIAS = re.compile(r"__var_([A-Za-z_]\w*)")
 _STRING_START = re.compile(r"""[rRbB]{0,2}('''|\"\"\"|'|")""")
 
@@ -154,6 +156,10 @@ class _Variables:
         return expanded, problems
 
 
+def _is_item(path: tuple[Any, ...], field: str) -> bool:
+    return len(path) >= 2 and path[0] == field and isinstance(path[1], int)
+
+
 # --- the stages -------------------------------------------------------------------------------------
 
 
@@ -163,6 +169,8 @@ class _Loader:
         self.problems: list[Problem] = []
         self.env = shared_environment()
         self.saw_bundle_kind = False
+        self.declared_rules: set[str] = set()
+        self.declared_boundaries: set[str] = set()
         self.lint_env = shared_environment(lint=True)
 
     def problem(self, location: Location, message: str) -> None:
@@ -192,19 +200,64 @@ class _Loader:
             kind = doc.data.get("kind")
             model = DOCUMENT_KINDS.get(kind) if isinstance(kind, str) else None
             self.saw_bundle_kind |= kind == "Bundle"
-            if model is None:
+            if model is None or not isinstance(kind, str):
                 known = ", ".join(DOCUMENT_KINDS)
                 self.problem(doc.location(("kind",)), f"unknown kind {kind!r} (expected one of: {known})")
                 continue
+            self._declare(kind, doc.data)
             try:
                 parsed.append((model.model_validate(doc.data), doc))
             except ValidationError as exc:
-                for err in exc.errors():
-                    loc = tuple(err["loc"])
-                    field = ".".join(str(p) for p in loc) or "document"
-                    message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-                    self.problem(doc.location(loc), f"{kind}: {field}: {message}")
+                self._schema_problems(kind, doc, exc)
+                partial = self._valid_items(model, kind, doc)
+                if partial is not None:
+                    parsed.append(partial)
         return parsed
+
+    def _schema_problems(self, kind: str, doc: Document, exc: ValidationError) -> None:
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            field = ".".join(str(p) for p in loc) or "document"
+            message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            self.problem(doc.location(loc), f"{kind}: {field}: {message}")
+
+    def _valid_items(self, model: type[Any], kind: str, doc: Document) -> tuple[Any, Document] | None:
+        """The document with only its valid list items, so one bad rule does not hide problems in the others.
+
+        Line numbers are re-keyed to the kept items' new positions, so locations still point at the source.
+        """
+        field = _ITEM_LISTS.get(kind)
+        items = doc.data.get(field) if field else None
+        if field is None or not isinstance(items, list):
+            return None
+        item_model = model.model_fields[field].annotation.__args__[0]
+        kept: list[int] = []
+        for index, item in enumerate(items):
+            try:
+                item_model.model_validate(item)
+            except ValidationError:
+                continue
+            kept.append(index)
+        try:
+            partial = model.model_validate({**doc.data, field: [items[i] for i in kept]})
+        except ValidationError:
+            return None  # the envelope itself is broken; its problems are already reported
+        new_index: dict[str | int, int] = {old: new for new, old in enumerate(kept)}
+        lines = {
+            ((field, new_index[path[1]], *path[2:]) if _is_item(path, field) else path): line
+            for path, line in doc.lines.items()
+            if not _is_item(path, field) or path[1] in new_index
+        }
+        return partial, Document(partial, doc.file, doc.line, lines)
+
+    def _declare(self, kind: str, data: dict[str, Any]) -> None:
+        """Remember every rule id and boundary name written, valid or not, for cross-reference checks."""
+        key, names = {"Rules": ("id", self.declared_rules), "Boundaries": ("name", self.declared_boundaries)}.get(
+            kind, ("", None)
+        )
+        items = data.get(_ITEM_LISTS.get(kind, ""))
+        if names is not None and isinstance(items, list):
+            names.update(item[key] for item in items if isinstance(item, dict) and isinstance(item.get(key), str))
 
     def _approval(self, spec: ApprovalSpec | None) -> Approval | None:
         if spec is None:
@@ -229,9 +282,12 @@ class _Loader:
         default_approval = self._approval(head.default_approval) if head else None
 
         tools = self._tools(parsed)
-        boundaries = self._boundaries(parsed, default_approval is not None)
-        rules = self._rules(parsed, tools, default_approval is not None)
-        tests = self._tests(parsed, {r.id for r in rules}, {b.name for b in boundaries})
+        # With the Bundle document itself invalid, whether a default approval exists is unknown: say nothing.
+        has_default = default_approval is not None or (head is None and self.saw_bundle_kind)
+        boundaries = self._boundaries(parsed, has_default)
+        rules = self._rules(parsed, tools, has_default)
+        # Against what was written, not what compiled: a broken rule is reported once, where it is.
+        tests = self._tests(parsed, self.declared_rules, self.declared_boundaries)
         limits = tuple(limit for m, _ in parsed if isinstance(m, LimitsDoc) for limit in m.limits)
 
         if head is None:
