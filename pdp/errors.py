@@ -6,6 +6,7 @@
     ├── NotFound             no such proposal for this agent
     ├── AlreadyExists        idempotency key reused for a different action
     ├── FailedPrecondition   the proposal is not in a state that allows this
+    ├── ResourceExhausted    the caller holds too many of a bounded resource (open watch streams)
     └── Unavailable          the database failed; nothing was decided
 A deny is an answer, never an error.
 """
@@ -43,6 +44,10 @@ class AlreadyExists(PdpError):
 
 class FailedPrecondition(PdpError):
     code = "failed_precondition"
+
+
+class ResourceExhausted(PdpError):
+    code = "resource_exhausted"
 
 
 class Unavailable(PdpError):

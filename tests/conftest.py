@@ -208,14 +208,14 @@ class BackgroundServer:
 
 
 @contextmanager
-def running_server(database_url: str, policy_dir: Path = POLICIES) -> Iterator[Server]:
+def running_server(database_url: str, policy_dir: Path = POLICIES, environment: str = "dev") -> Iterator[Server]:
     config = Config(
         database_url=database_url,
         policy_dir=str(policy_dir),
         grpc_addr="127.0.0.1:0",
         admin_addr="127.0.0.1:0",
         signing_key="unused-signing.key",
-        environment="dev",
+        environment=environment,
     )
     background = BackgroundServer(config)
     engine = create_db_engine(database_url)

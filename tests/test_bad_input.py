@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -491,13 +490,12 @@ def test_serve_refuses_an_unmigrated_database(empty_database_url: str, tmp_path:
     assert "pdp db upgrade" in result.stderr, result.stderr
 
 
-def test_serve_refuses_an_address_in_use_with_a_message(tmp_path: Path, cli_env: dict[str, str]) -> None:
+def test_serve_refuses_an_address_another_server_holds(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """A second `pdp serve` on a port a running server holds must fail, not silently share its traffic."""
     database = f"sqlite:///{tmp_path / 'pdp.db'}"
     upgrade(database)
-    with socket.socket() as taken:  # a plain listener, without SO_REUSEPORT: nobody else can bind
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        address = f"127.0.0.1:{taken.getsockname()[1]}"
+    with running_server(database) as first:
+        address = first.target
         result = subprocess.run(
             [PDP, "serve", "--policy-dir", str(POLICIES), "--database-url", database, "--grpc-addr", address],
             capture_output=True,

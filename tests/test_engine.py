@@ -607,6 +607,13 @@ def test_policy_version_is_the_bundles(tmp_path: Path) -> None:
         ("tickets", "POST", TICKETS + "t/1 2", "resource_not_canonical"),
         ("tickets", "POST", TICKETS + "t/1\x00", "resource_not_canonical"),
         ("iam", "get", "iam://roles/../admin", "resource_not_canonical"),
+        # What a URL parser or HTTP server reads differently from the plain string.
+        ("iam", "get", "iam://roles@evil.example/admin", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "..;/admin/users", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "t;jsessionid=1/x", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "/evil.example/x", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "t//1", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "t/%252e%252e/admin", "resource_not_canonical"),
     ],
 )
 def test_catalog_violation_denies_before_any_rule(
@@ -641,7 +648,15 @@ def test_catalog_rejects_dot_segments_before_encoded_separators(tmp_path: Path, 
 
 @pytest.mark.parametrize(
     "resource",
-    [TICKETS + "t/1", TICKETS + "t/1..2", TICKETS + "t/.hidden", TICKETS + "t/a.b/c", TICKETS + "t?q=..x"],
+    [
+        TICKETS + "t/1",
+        TICKETS + "t/1..2",
+        TICKETS + "t/.hidden",
+        TICKETS + "t/a.b/c",
+        TICKETS + "t?q=..x",
+        TICKETS + "t?q=a%20b",
+        TICKETS + "t?next=a//b",
+    ],
 )
 def test_catalog_accepts_canonical_resources(tmp_path: Path, resource: str) -> None:
     bundle = make_bundle(tmp_path, rules=[ALLOW_ALL])

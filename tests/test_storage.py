@@ -216,9 +216,32 @@ def test_failing_unit_does_not_take_its_batch_down(writer: GroupCommitWriter, en
         b.result(WAIT)
     assert duplicate.exception(WAIT) is not None
     assert stored_agents(engine) == ["a", "c"]
-    # a, b, c and the duplicate were one batch: it failed at b and rolled back as a whole, then each unit
-    # ran again alone (so a ran twice, yet its row exists once and the duplicate failed against it).
-    assert attempts == {"a": 2, "b": 2, "c": 1}
+    # a, b, c and the duplicate were one batch: each unit ran once in its own savepoint, so b's row and
+    # the duplicate were rolled back alone while a and c committed.
+    assert attempts == {"a": 1, "b": 1, "c": 1}
+
+
+def test_a_caller_that_gave_up_is_skipped_and_the_batch_still_answers(
+    writer: GroupCommitWriter, engine: Engine
+) -> None:
+    """A cancelled caller (client deadline) records nothing, and the others in its batch get their results."""
+    started, release = threading.Event(), threading.Event()
+
+    def blocker(conn: Connection) -> str:
+        started.set()
+        assert release.wait(WAIT)
+        return "blocker"
+
+    first = writer.submit(blocker)
+    assert started.wait(WAIT)
+    a, gone, c = writer.submit(insert_agent("a")), writer.submit(insert_agent("gone")), writer.submit(insert_agent("c"))
+    assert gone.cancel()
+    release.set()
+
+    assert first.result(WAIT) == "blocker"
+    assert a.result(WAIT) is not None
+    assert c.result(WAIT) is not None
+    assert stored_agents(engine) == ["a", "c"]
 
 
 def test_results_arrive_only_after_commit(writer: GroupCommitWriter, engine: Engine) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from sqlalchemy.engine import make_url
+
 from pdp.config import add_arguments, from_args
 from pdp.store.migrate import upgrade
 
@@ -20,5 +22,6 @@ def register(commands: Any) -> None:
 def run_upgrade(args: argparse.Namespace) -> int:
     config = from_args(args)
     upgrade(config.database_url)
-    print(f"database {config.database_url} is at the newest schema")
+    shown = make_url(config.database_url).render_as_string(hide_password=True)
+    print(f"database {shown} is at the newest schema")
     return 0

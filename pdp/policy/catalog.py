@@ -54,15 +54,34 @@ def resolve(tools: dict[str, Tool], tool: str, operation: str, resource: str) ->
             "resource_outside_prefix",
             f"resource {resource!r} is outside tool {tool!r}'s prefix {spec.resource_prefix!r}",
         )
-    decoded = unquote(resource)
-    if (
-        _DOT_SEGMENT.search(resource)
-        or _UNSAFE_RAW.search(resource)
-        or _DOT_SEGMENT.search(decoded)
-        or _UNSAFE_DECODED.search(decoded)
-    ):
-        return CatalogViolation(
-            "resource_not_canonical",
-            f"resource {resource!r} contains dot segments, whitespace, control characters or backslashes",
-        )
+    problem = _ambiguity(resource)
+    if problem:
+        return CatalogViolation("resource_not_canonical", f"resource {resource!r} {problem}")
     return kind
+
+
+def _ambiguity(resource: str) -> str | None:
+    """Why ``resource`` could name something else than it appears to once a connector parses it, if it could.
+
+    A prefix check is a string comparison; connectors parse URLs. Anything a URL parser, an HTTP
+    server or a path normaliser could read differently from the plain string is refused.
+    """
+    decoded = unquote(resource)
+    if _DOT_SEGMENT.search(resource) or _DOT_SEGMENT.search(decoded):
+        return "contains dot segments"
+    if _UNSAFE_RAW.search(resource) or _UNSAFE_DECODED.search(decoded):
+        return "contains whitespace, control characters or backslashes"
+    if "%25" in resource.lower():
+        return "is percent-encoded twice"
+    _, separator, rest = resource.partition("://")
+    if separator:
+        authority, _, path = rest.partition("/")
+        authority = re.split(r"[?#]", authority, maxsplit=1)[0]
+        if "@" in authority:
+            return "names a user in its authority (user@host)"
+        path = re.split(r"[?#]", path, maxsplit=1)[0]
+        if path.startswith("/") or "//" in path:
+            return "contains an empty path segment (//)"
+        if ";" in path:
+            return "contains path parameters (;)"
+    return None

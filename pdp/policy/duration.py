@@ -6,6 +6,7 @@ import re
 from datetime import timedelta
 
 _PART = re.compile(r"(\d+)(ms|s|m|h|d)")
+MAX_SECONDS = 365 * 86400
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -18,4 +19,6 @@ def parse_duration(text: str) -> timedelta:
     seconds = sum(int(n) * _UNITS[u] for n, u in parts)
     if seconds <= 0:
         raise ValueError(f"invalid duration {text!r}: must be positive")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"invalid duration {text!r}: at most 365d")
     return timedelta(seconds=seconds)

@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError, Message
 from sqlalchemy.exc import SQLAlchemyError
 
 from pdp import errors
-from pdp.errors import InvalidArgument, PdpError, Unauthenticated, Unavailable
+from pdp.errors import InvalidArgument, PdpError, ResourceExhausted, Unauthenticated, Unavailable
 from pdp.identity.agents import Caller
 from pdp.proposals.service import ProposalService
 from pdp.proposals.validation import validate, validate_proposal_id
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "pdp.v1.PolicyDecisionPoint"
 WATCH_POLL_SECONDS = 0.25
+# Each open stream polls the database; one agent must not be able to starve the others.
+MAX_WATCHES_PER_AGENT = 16
 
 # Typed errors to status codes: the only place this mapping exists.
 STATUS = {
@@ -39,6 +41,7 @@ STATUS = {
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
@@ -55,7 +58,9 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return STATUS.get(type(exc), grpc.StatusCode.INTERNAL), exc.message
     if isinstance(exc, SQLAlchemyError):
         log.error("database error", exc_info=exc)
-        return grpc.StatusCode.UNAVAILABLE, "database unavailable; nothing was recorded"
+        return grpc.StatusCode.UNAVAILABLE, (
+            "database unavailable; the request may not have been recorded: retry with the same idempotency_key"
+        )
     log.error("internal error", exc_info=exc)
     return grpc.StatusCode.INTERNAL, "internal error"
 
@@ -87,6 +92,7 @@ class PolicyDecisionPointService:
         self._pool = pool
         # Set at shutdown so open WatchProposal streams end at once instead of holding the grace period.
         self.stopping = asyncio.Event()
+        self._watches: dict[str, int] = {}
 
     async def _blocking(self, fn: Callable[..., R], *args: Any) -> R:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -165,24 +171,38 @@ class PolicyDecisionPointService:
                 raise InvalidArgument(request.field, "is not valid UTF-8 or cannot be parsed")
             caller = await self._caller(context)
             proposal_id = self._proposal_id(request)
-            last = None
-            while True:
-                record = await self._checked(caller, self._blocking(self._service.get, caller, proposal_id))
-                seen = (record.state, record.updated_at)
-                if seen != last:
-                    last = seen
-                    yield proposal_message(record)
-                if record.state.terminal:
-                    return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), WATCH_POLL_SECONDS)
-                if self.stopping.is_set():
-                    raise Unavailable("server is shutting down; watch again")
+            agent_id = caller.agent.id
+            if self._watches.get(agent_id, 0) >= MAX_WATCHES_PER_AGENT:
+                raise ResourceExhausted(f"at most {MAX_WATCHES_PER_AGENT} open WatchProposal streams per agent")
+            self._watches[agent_id] = self._watches.get(agent_id, 0) + 1
+            try:
+                async for proposal in self._watch(caller, proposal_id):
+                    yield proposal
+            finally:
+                self._watches[agent_id] -= 1
+                if not self._watches[agent_id]:
+                    del self._watches[agent_id]
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
             code, message = _status_for(exc)
             await context.abort(code, message)
+
+    async def _watch(self, caller: Caller, proposal_id: str) -> AsyncIterator[pdp_pb2.Proposal]:
+        """Yield the proposal whenever its state changes, until a terminal state or shutdown."""
+        last = None
+        while True:
+            record = await self._checked(caller, self._blocking(self._service.get, caller, proposal_id))
+            seen = (record.state, record.updated_at)
+            if seen != last:
+                last = seen
+                yield proposal_message(record)
+            if record.state.terminal:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), WATCH_POLL_SECONDS)
+            if self.stopping.is_set():
+                raise Unavailable("server is shutting down; watch again")
 
 
 def _parser(message: type[Message], schema: wire.Schema) -> Callable[[bytes], Any]:

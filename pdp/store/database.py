@@ -7,6 +7,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 
+STATEMENT_TIMEOUT_MS = 10_000
+
 
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
@@ -50,6 +52,11 @@ def create_db_engine(url: str, *, writer: bool = False, pool_size: int = 8) -> E
 
         return engine
     kwargs: dict[str, Any] = {"pool_size": pool_size, "max_overflow": pool_size, "pool_pre_ping": True}
-    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in ("psycopg", "psycopg2"):
-        kwargs["connect_args"] = {"application_name": "agent-pdp"}
+    if parsed.get_backend_name() == "postgresql":
+        # A stalled database must fail requests (closed), not hang the single writer forever.
+        kwargs["connect_args"] = {
+            "application_name": "agent-pdp",
+            "connect_timeout": 10,
+            "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={STATEMENT_TIMEOUT_MS}",
+        }
     return create_engine(parsed, **kwargs)

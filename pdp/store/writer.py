@@ -1,12 +1,14 @@
 """Group commit: one writer thread commits whatever has queued in one transaction.
 
 Each caller submits a unit of work (a function of a connection) and gets its result only after the
-transaction holding it committed, so durability is per caller while fsyncs are shared. If any unit
-in a batch fails, the batch is rolled back and each unit re-runs in a transaction of its own, so one
-bad request never takes others down and never half-commits. Units must therefore be safe to run
-again after a rollback (they are plain inserts/updates whose inputs were computed beforehand).
+transaction holding it committed, so durability is per caller while fsyncs are shared. Each unit
+runs inside its own SAVEPOINT: a unit that raises (a refused cancel, a revoked token, a database
+error) is rolled back alone and its caller gets the exception, while the rest of the batch commits.
+A caller that gave up before its unit started (client deadline, cancellation) has its unit skipped,
+so nothing is recorded for it; once a unit has started it runs to the end, and a retry must reuse the
+idempotency key.
 
-The audit chain appends inside the same units, so a state change and its audit event commit or
+Every state change and the audit events that record it belong in the same unit, so they commit or
 roll back together.
 """
 
@@ -88,25 +90,25 @@ class GroupCommitWriter:
                 return
 
     def _commit(self, batch: list[_Item[Any]]) -> None:
-        try:
-            with self._engine.begin() as conn:
-                results = [item.work(conn) for item in batch]
-        except Exception as exc:
-            if len(batch) == 1:
-                batch[0].future.set_exception(exc)
-                return
-            log.debug("batch of %d failed; retrying each unit alone", len(batch), exc_info=True)
-            for item in batch:
-                self._commit_alone(item)
+        # Callers that already gave up are dropped before anything of theirs is written.
+        running = [item for item in batch if item.future.set_running_or_notify_cancel()]
+        if not running:
             return
-        for item, result in zip(batch, results, strict=True):
-            item.future.set_result(result)
-
-    def _commit_alone(self, item: _Item[Any]) -> None:
+        outcomes: list[tuple[bool, Any]] = []
         try:
             with self._engine.begin() as conn:
-                result = item.work(conn)
-        except Exception as exc:
-            item.future.set_exception(exc)
-        else:
-            item.future.set_result(result)
+                for item in running:
+                    try:
+                        with conn.begin_nested():
+                            outcomes.append((True, item.work(conn)))
+                    except Exception as exc:
+                        outcomes.append((False, exc))
+        except Exception as exc:  # the commit itself failed: nothing in the batch is durable
+            for item in running:
+                item.future.set_exception(exc)
+            return
+        for item, (ok, value) in zip(running, outcomes, strict=True):
+            if ok:
+                item.future.set_result(value)
+            else:
+                item.future.set_exception(value)
