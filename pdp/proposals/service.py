@@ -32,32 +32,18 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class BundleHolder:
-    """The active bundle. Swapped atomically; a request keeps the bundle it started with."""
-
-    def __init__(self, bundle: PolicyBundle) -> None:
-        self._bundle = bundle
-
-    @property
-    def bundle(self) -> PolicyBundle:
-        return self._bundle
-
-    def swap(self, bundle: PolicyBundle) -> None:
-        self._bundle = bundle
-
-
 class ProposalService:
     def __init__(
         self,
         engine: Engine,
         writer: GroupCommitWriter,
-        bundles: BundleHolder,
+        bundle: PolicyBundle,
         environment: str,
         clock: Clock = utc_now,
     ) -> None:
         self._engine = engine
         self._writer = writer
-        self._bundles = bundles
+        self._bundle = bundle
         self._environment = environment
         self._clock = clock
         self._tokens = TokenCache()
@@ -85,7 +71,7 @@ class ProposalService:
 
     def evaluate(self, caller: Caller, proposal: ProposalInput) -> Decision:
         """Dry run: the same decision, nothing recorded (the caller must have been checked active)."""
-        return decide(self._bundles.bundle, self._decision_input(caller.agent, proposal, self._clock()))
+        return decide(self._bundle, self._decision_input(caller.agent, proposal, self._clock()))
 
     def propose(self, caller: Caller, proposal: ProposalInput) -> Future[Recorded]:
         """Decide now; the future resolves once the proposal and its decision are durable.
@@ -95,7 +81,7 @@ class ProposalService:
         agent = caller.agent
         now = self._clock()
         request = self._decision_input(agent, proposal, now)
-        decision = decide(self._bundles.bundle, request)
+        decision = decide(self._bundle, request)
         action = proposal.action_document()
         record = ProposalRecord(
             id=str(uuid.uuid4()),

@@ -15,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pdp.config import Config
 from pdp.policy.loader import BundleError, load_bundle
-from pdp.proposals.service import BundleHolder, ProposalService
+from pdp.proposals.service import ProposalService
 from pdp.server.grpc_api import SERVICE_NAME, PolicyDecisionPointService, generic_handler
 from pdp.store.database import create_db_engine
 from pdp.store.migrate import is_current
@@ -88,7 +88,7 @@ async def start(config: Config) -> RunningServer:
         raise
     writer = GroupCommitWriter(create_db_engine(config.database_url, writer=True, pool_size=1))
     pool = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="pdp-io")
-    api = PolicyDecisionPointService(ProposalService(reader, writer, BundleHolder(bundle), config.environment), pool)
+    api = PolicyDecisionPointService(ProposalService(reader, writer, bundle, config.environment), pool)
     server.add_generic_rpc_handlers((generic_handler(api),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

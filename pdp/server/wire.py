@@ -8,28 +8,37 @@ from __future__ import annotations
 
 from typing import Any
 
-# field number -> (name, "string" | nested schema); schemas for Struct recurse through Value.
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+
+from pdp.v1 import pdp_pb2
+
+# field number -> (name, "string" | nested schema)
 Schema = dict[int, tuple[str, Any]]
 
-_VALUE: Schema = {}
-_STRUCT: Schema = {1: ("", {1: ("key", "string"), 2: ("", _VALUE)})}
-_LIST: Schema = {1: ("", _VALUE)}
-_VALUE.update({3: ("", "string"), 5: ("", _STRUCT), 6: ("", _LIST)})
-_MAP_ENTRY: Schema = {1: ("key", "string"), 2: ("value", "string")}
-ACTION: Schema = {
-    1: ("tool", "string"),
-    2: ("operation", "string"),
-    3: ("resource", "string"),
-    4: ("params", _STRUCT),
-    6: ("labels", _MAP_ENTRY),
-}
-PROPOSE_REQUEST: Schema = {
-    1: ("action", ACTION),
-    2: ("justification", "string"),
-    3: ("idempotency_key", "string"),
-    4: ("session_id", "string"),
-}
-GET_PROPOSAL_REQUEST: Schema = {1: ("proposal_id", "string")}
+
+def schema_of(descriptor: Descriptor, _memo: dict[str, Schema] | None = None) -> Schema:
+    """The string and message fields of a message type, from its descriptor (so it follows the proto).
+
+    Fields inside well-known types and map entries get no name of their own: a bad byte anywhere in
+    ``action.params`` is reported as ``action.params``.
+    """
+    memo = {} if _memo is None else _memo
+    if descriptor.full_name in memo:  # Struct -> Value -> Struct recurses
+        return memo[descriptor.full_name]
+    schema: Schema = {}
+    memo[descriptor.full_name] = schema
+    anonymous = descriptor.full_name.startswith("google.protobuf.") or descriptor.GetOptions().map_entry
+    for field in descriptor.fields:
+        name = "" if anonymous else field.name
+        if field.type == FieldDescriptor.TYPE_STRING:
+            schema[field.number] = (name, "string")
+        elif field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type is not None:
+            schema[field.number] = (name, schema_of(field.message_type, memo))
+    return schema
+
+
+PROPOSE_REQUEST = schema_of(pdp_pb2.ProposeRequest.DESCRIPTOR)
+GET_PROPOSAL_REQUEST = schema_of(pdp_pb2.GetProposalRequest.DESCRIPTOR)
 
 _MAX_DEPTH = 64
 
