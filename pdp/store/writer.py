@@ -97,12 +97,19 @@ class GroupCommitWriter:
         outcomes: list[tuple[bool, Any]] = []
         try:
             with self._engine.begin() as conn:
+                # Savepoints straight on the driver's connection: SQLAlchemy's begin_nested() costs
+                # ~100 µs of Python per unit, the statements themselves ~2 µs on SQLite.
+                cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
                 for item in running:
+                    cursor.execute("SAVEPOINT pdp_unit")
                     try:
-                        with conn.begin_nested():
-                            outcomes.append((True, item.work(conn)))
+                        result = item.work(conn)
                     except Exception as exc:
+                        cursor.execute("ROLLBACK TO SAVEPOINT pdp_unit")
                         outcomes.append((False, exc))
+                    else:
+                        outcomes.append((True, result))
+                    cursor.execute("RELEASE SAVEPOINT pdp_unit")
         except Exception as exc:  # the commit itself failed: nothing in the batch is durable
             for item in running:
                 item.future.set_exception(exc)
