@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
+from pdp.audit import chain, events
 from pdp.canonical import digest
 from pdp.identity.agents import Caller, TokenCache, authenticate, require_active
 from pdp.policy.bundle import PolicyBundle
@@ -100,7 +101,10 @@ class ProposalService:
 
         def unit(conn: Connection) -> Recorded:
             require_active(conn, caller)
-            return store.record_proposal(conn, record)
+            recorded = store.record_proposal(conn, record)
+            if not recorded.replayed:  # no decision without its audit event, in the same transaction
+                chain.append(conn, events.proposal_decided(record))
+            return recorded
 
         return self._writer.submit(unit)
 
@@ -114,7 +118,9 @@ class ProposalService:
 
         def unit(conn: Connection) -> ProposalRecord:
             require_active(conn, caller)
-            return store.cancel_proposal(conn, proposal_id, caller.agent.id, now)
+            cancelled = store.cancel_proposal(conn, proposal_id, caller.agent.id, now)
+            chain.append(conn, events.proposal_cancelled(cancelled, now))
+            return cancelled
 
         return self._writer.submit(unit)
 

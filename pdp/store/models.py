@@ -5,7 +5,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, MetaData, String, Table, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -96,5 +108,51 @@ class Proposal(Base):
     updated_at: Mapped[datetime]
 
 
+class AuditEvent(Base):
+    """The append-only, hash-chained audit log (see pdp/audit/chain.py and docs/audit-format.md).
+
+    No secondary unique keys: on SQLite, INSERT OR REPLACE resolves a unique conflict by deleting the
+    old row without firing DELETE triggers, so the only key is the primary key, and a trigger refuses
+    any insert that does not extend the chain head.
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_events_proposal_id", "proposal_id"),
+        Index("ix_audit_events_agent_id", "agent_id"),
+        Index("ix_audit_events_type", "type"),
+    )
+
+    chain: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(36))
+    # Set by the database, informational: not hashed (the body carries the event's own time).
+    recorded_at: Mapped[datetime] = mapped_column(server_default=func.current_timestamp())
+    type: Mapped[str] = mapped_column(String(64))
+    proposal_id: Mapped[str | None] = mapped_column(String(36))
+    agent_id: Mapped[str | None] = mapped_column(String(200))
+    actor: Mapped[str] = mapped_column(String(200))
+    policy_version: Mapped[str] = mapped_column(String(100))
+    # The exact canonical JSON bytes that were hashed (text, not JSONB, which would re-serialise them).
+    body: Mapped[str] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditCheckpoint(Base):
+    """Signed chain heads; also appended to a file outside the database."""
+
+    __tablename__ = "audit_checkpoints"
+
+    chain: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    head_hash: Mapped[str] = mapped_column(String(64))
+    signed_at: Mapped[datetime]
+    key_id: Mapped[str] = mapped_column(String(32))
+    signature: Mapped[str] = mapped_column(String(128))
+
+
 agents = cast(Table, Agent.__table__)
 proposals = cast(Table, Proposal.__table__)
+audit_events = cast(Table, AuditEvent.__table__)
+audit_checkpoints = cast(Table, AuditCheckpoint.__table__)
