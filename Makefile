@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Serves the agent gRPC API on the embedded default: SQLite file, example policies, a dev agent.
+# Serves the agent gRPC API on the embedded default: SQLite file, example policies, a dev agent,
+# a signing key for audit checkpoints (all kept in the working directory: pdp.db, .pdp/).
 run: $(STAMP)
 	$(BIN)/pdp db upgrade
+	$(BIN)/pdp keys init
 	$(BIN)/pdp agents ensure-dev
 	$(BIN)/pdp serve
 

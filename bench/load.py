@@ -480,6 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             database_url = args.database_url or f"sqlite:///{workdir / 'bench.db'}"
         started = time.perf_counter()
         _pdp("db", "upgrade", "--database-url", database_url, cwd=workdir)
+        _pdp("keys", "init", cwd=workdir)  # the server signs audit checkpoints with it
         tokens: dict[str, str] = {}
         for role, (agent_id, owner, roles) in AGENTS.items():
             out = _pdp("agents", "add", agent_id, "--owner", owner, "--roles", ",".join(roles),

@@ -29,6 +29,21 @@ SETTINGS = (
         "ticket/checkpoint signing key file (created by `pdp keys init`)",
     ),
     Setting("environment", "--environment", "PDP_ENVIRONMENT", "dev", "environment name CEL sees"),
+    Setting(
+        "checkpoint_file",
+        "--checkpoint-file",
+        "PDP_CHECKPOINT_FILE",
+        ".pdp/checkpoints.jsonl",
+        "signed audit checkpoints, appended outside the database",
+    ),
+    Setting("checkpoint_every", "--checkpoint-every", "PDP_CHECKPOINT_EVERY", "1000", "checkpoint after N events"),
+    Setting(
+        "checkpoint_interval",
+        "--checkpoint-interval",
+        "PDP_CHECKPOINT_INTERVAL",
+        "60",
+        "checkpoint at least every T seconds while events arrive",
+    ),
 )
 
 
@@ -40,6 +55,9 @@ class Config:
     admin_addr: str
     signing_key: str
     environment: str
+    checkpoint_file: str = ".pdp/checkpoints.jsonl"
+    checkpoint_every: str = "1000"
+    checkpoint_interval: str = "60"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:

@@ -18,6 +18,7 @@ import itertools
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ from psycopg import sql
 from sqlalchemy import Engine, func, select
 from sqlalchemy.engine import make_url
 
+from pdp.audit.keys import init_key
 from pdp.client import PdpClient
 from pdp.config import Config
 from pdp.identity.agents import add_agent
@@ -207,17 +209,33 @@ class BackgroundServer:
             self._shutdown_loop()
 
 
-@contextmanager
-def running_server(database_url: str, policy_dir: Path = POLICIES, environment: str = "dev") -> Iterator[Server]:
-    config = Config(
+_KEY_DIR: list[Path] = []
+
+
+def signing_key() -> Path:
+    """One Ed25519 signing key for the whole test session (`pdp keys init` does the same)."""
+    if not _KEY_DIR:
+        _KEY_DIR.append(Path(tempfile.mkdtemp(prefix="pdp-test-key-")))
+        init_key(_KEY_DIR[0] / "signing.key")
+    return _KEY_DIR[0] / "signing.key"
+
+
+def server_config(database_url: str, *, policy_dir: Path = POLICIES, environment: str = "dev") -> Config:
+    """Settings for an in-process server on a free port, with its own checkpoint file."""
+    return Config(
         database_url=database_url,
         policy_dir=str(policy_dir),
         grpc_addr="127.0.0.1:0",
         admin_addr="127.0.0.1:0",
-        signing_key="unused-signing.key",
+        signing_key=str(signing_key()),
         environment=environment,
+        checkpoint_file=str(Path(tempfile.mkdtemp(prefix="pdp-test-checkpoints-")) / "checkpoints.jsonl"),
     )
-    background = BackgroundServer(config)
+
+
+@contextmanager
+def running_server(database_url: str, policy_dir: Path = POLICIES, environment: str = "dev") -> Iterator[Server]:
+    background = BackgroundServer(server_config(database_url, policy_dir=policy_dir, environment=environment))
     engine = create_db_engine(database_url)
     server = Server(f"127.0.0.1:{background.running.port}", database_url, engine)
     try:
@@ -238,10 +256,13 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture
-def cli_env() -> dict[str, str]:
-    """The environment for `pdp` subprocesses: no PDP_* settings leaking in from the developer's shell."""
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """The environment for `pdp` subprocesses: no PDP_* settings leaking in from the developer's shell,
+    and a signing key and checkpoint file of the test's own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PDP_")}
     env["PYTHONUNBUFFERED"] = "1"
+    env["PDP_SIGNING_KEY"] = str(signing_key())
+    env["PDP_CHECKPOINT_FILE"] = str(tmp_path / "checkpoints.jsonl")
     return env
 
 

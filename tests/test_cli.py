@@ -345,6 +345,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PDP_")}
     db = Database(f"sqlite:///{cwd / 'pdp.db'}", cwd / "pdp.db")
     pdp("db", "upgrade", "--database-url", db.url, env=env, cwd=cwd, check=True)
+    pdp("keys", "init", env=env, cwd=cwd, check=True)  # as `make run` does
     token = add_agent_cli(db, env, cwd, "dev-agent", "--owner", "dev", "--roles", "support")
     serve = start_serve(db, cwd, env)
     try:

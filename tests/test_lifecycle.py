@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import BULK_CLOSE, POLICIES, BackgroundServer, Server, proposal_row, running_server
+from conftest import BULK_CLOSE, BackgroundServer, Server, proposal_row, running_server, server_config
 
 from pdp.client import PdpClient, PdpClientError
 from pdp.config import Config, add_arguments, from_args
@@ -56,14 +56,7 @@ def test_watch_streams_per_agent_are_bounded(server: Server) -> None:
 
 
 def _config(database_url: str, environment: str = "dev") -> Config:
-    return Config(
-        database_url=database_url,
-        policy_dir=str(POLICIES),
-        grpc_addr="127.0.0.1:0",
-        admin_addr="127.0.0.1:0",
-        signing_key="unused",
-        environment=environment,
-    )
+    return server_config(database_url, environment=environment)
 
 
 def test_shutdown_ends_open_watch_streams_with_a_clear_status(tmp_path: Path) -> None:

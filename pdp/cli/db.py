@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from pdp.cli.audit import register_db as register_roles
 from pdp.config import add_arguments, from_args
 from pdp.store.migrate import upgrade
 
@@ -17,6 +18,7 @@ def register(commands: Any) -> None:
     up = sub.add_parser("upgrade", help="apply every pending migration")
     add_arguments(up, ("database_url",))
     up.set_defaults(handler=run_upgrade)
+    register_roles(sub)
 
 
 def run_upgrade(args: argparse.Namespace) -> int:

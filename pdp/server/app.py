@@ -6,6 +6,7 @@ import asyncio
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,9 +14,11 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from pdp.audit.checkpointer import Checkpointer
+from pdp.audit.keys import KeyFileError, load_private
 from pdp.config import Config
 from pdp.policy.loader import BundleError, load_bundle
-from pdp.proposals.service import ProposalService
+from pdp.proposals.service import ProposalService, utc_now
 from pdp.server.grpc_api import SERVICE_NAME, PolicyDecisionPointService, generic_handler
 from pdp.store.database import create_db_engine
 from pdp.store.migrate import is_current
@@ -38,12 +41,14 @@ class RunningServer:
     pool: ThreadPoolExecutor
     health: health.aio.HealthServicer
     policy_version: str
+    checkpointer: Checkpointer
 
     async def stop(self, grace: float = 5.0) -> None:
-        """NOT_SERVING, end watch streams, let in-flight calls finish, commit queued writes."""
+        """NOT_SERVING, end watch streams, let in-flight calls finish, sign the head, commit queued writes."""
         await self.health.enter_graceful_shutdown()
         self.api.stopping.set()
         await self.server.stop(grace)
+        await self.checkpointer.stop()
         self.writer.close()
         self.pool.shutdown(wait=True)
 
@@ -64,6 +69,13 @@ async def start(config: Config) -> RunningServer:
         bundle = load_bundle(config.policy_dir)
     except BundleError as exc:
         raise StartupError(f"policy bundle {config.policy_dir!r} does not load:\n{exc}") from exc
+    try:
+        key = load_private(Path(config.signing_key))
+        every, interval = int(config.checkpoint_every), float(config.checkpoint_interval)
+    except KeyFileError as exc:
+        raise StartupError(str(exc)) from exc
+    except ValueError as exc:
+        raise StartupError(f"checkpoint settings must be numbers: {exc}") from exc
     reader = create_db_engine(config.database_url, pool_size=WORKER_THREADS)
     try:
         current = is_current(reader)
@@ -96,10 +108,14 @@ async def start(config: Config) -> RunningServer:
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
+    checkpointer = Checkpointer(
+        reader, writer, key, Path(config.checkpoint_file), every=every, interval=interval, clock=utc_now
+    )
     await server.start()
+    checkpointer.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, api, writer, pool, health_servicer, bundle.policy_version)
+    return RunningServer(server, port, api, writer, pool, health_servicer, bundle.policy_version, checkpointer)
 
 
 async def serve(config: Config) -> None:

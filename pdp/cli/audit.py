@@ -1,0 +1,155 @@
+"""`pdp keys init`, `pdp audit verify|checkpoint|export` and `pdp db roles`: for operators and auditors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from pdp.audit.checkpoints import append_to_file, sign_head
+from pdp.audit.keys import KeyFileError, init_key, load_private, load_public, public_path
+from pdp.audit.roles import create_roles
+from pdp.audit.verify import verify
+from pdp.config import add_arguments, from_args
+from pdp.store.database import create_db_engine
+from pdp.store.models import audit_events
+
+
+def register(commands: Any) -> None:
+    keys: argparse.ArgumentParser = commands.add_parser("keys", help="the signing key")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    init = keys_sub.add_parser("init", help="create the Ed25519 signing key (kept if it exists)")
+    add_arguments(init, ("signing_key",))
+    init.set_defaults(handler=run_keys_init)
+
+    audit: argparse.ArgumentParser = commands.add_parser("audit", help="the audit log")
+    sub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
+
+    ver = sub.add_parser("verify", help="recompute the chain and check checkpoints; exit 0 intact, 1 not")
+    ver.add_argument("--checkpoints", type=Path, default=None, help="checkpoint file (default: PDP_CHECKPOINT_FILE)")
+    ver.add_argument("--no-checkpoint-file", action="store_true", help="check database checkpoints only")
+    ver.add_argument("--public-key", type=Path, default=None, help="default: the signing key's .pub file")
+    ver.add_argument("--from", dest="from_seq", type=int, default=1, help="start at this seq (trusting seq-1)")
+    add_arguments(ver, ("database_url", "signing_key", "checkpoint_file"))
+    ver.set_defaults(handler=run_verify)
+
+    cp = sub.add_parser("checkpoint", help="sign the current chain head now")
+    add_arguments(cp, ("database_url", "signing_key", "checkpoint_file"))
+    cp.set_defaults(handler=run_checkpoint)
+
+    export = sub.add_parser("export", help="events as JSON lines, for a SIEM")
+    export.add_argument("--since", default=None, help="ISO time (e.g. 2026-11-21T00:00:00Z) or a seq number")
+    export.add_argument("--format", choices=["jsonl"], default="jsonl")
+    add_arguments(export, ("database_url",))
+    export.set_defaults(handler=run_export)
+
+
+def register_db(db_sub: Any) -> None:
+    roles = db_sub.add_parser("roles", help="PostgreSQL: create the append-only writer and read-only auditor roles")
+    roles.add_argument("--writer", default="pdp_writer")
+    roles.add_argument("--auditor", default="pdp_auditor")
+    add_arguments(roles, ("database_url",))
+    roles.set_defaults(handler=run_roles)
+
+
+def run_keys_init(args: argparse.Namespace) -> int:
+    path = Path(from_args(args).signing_key)
+    if init_key(path):
+        print(f"created signing key {path} (mode 0600) and public key {public_path(path)}")
+    else:
+        print(f"signing key {path} exists; kept")
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    config = from_args(args)
+    try:
+        key_path = args.public_key or _public_key_path(Path(config.signing_key))
+        public_key = load_public(key_path)
+    except KeyFileError as exc:
+        print(f"pdp audit verify: {exc}", file=sys.stderr)
+        return 2
+    checkpoint_file = None if args.no_checkpoint_file else (args.checkpoints or Path(config.checkpoint_file))
+    if checkpoint_file is not None and not checkpoint_file.exists():
+        print(f"pdp audit verify: no checkpoint file at {checkpoint_file} (use --no-checkpoint-file)", file=sys.stderr)
+        return 2
+    report = verify(
+        create_db_engine(config.database_url),
+        public_key=public_key,
+        checkpoint_file=checkpoint_file,
+        from_seq=args.from_seq,
+    )
+    print(f"events:      {report.events} verified, head seq {report.head_seq} hash {report.head_hash[:16]}…")
+    print(f"checkpoints: {report.checkpoints} checked" + (f" (incl. {checkpoint_file})" if checkpoint_file else ""))
+    print(
+        "triggers:    "
+        + ("in place" if not report.triggers_missing else "MISSING " + ", ".join(report.triggers_missing))
+    )
+    if report.first_bad_seq is not None:
+        print(f"FAIL at seq {report.first_bad_seq}: {report.problem}")
+        return 1
+    if report.triggers_missing:
+        print("FAIL: the database no longer refuses changes to the audit log")
+        return 1
+    print("ok: the audit log is intact")
+    return 0
+
+
+def _public_key_path(signing_key: Path) -> Path:
+    public = public_path(signing_key)
+    return public if public.exists() else signing_key
+
+
+def run_checkpoint(args: argparse.Namespace) -> int:
+    config = from_args(args)
+    try:
+        key = load_private(Path(config.signing_key))
+    except KeyFileError as exc:
+        print(f"pdp audit checkpoint: {exc}", file=sys.stderr)
+        return 2
+    with create_db_engine(config.database_url, writer=True, pool_size=1).begin() as conn:
+        checkpoint = sign_head(conn, key, datetime.now(UTC))
+    if checkpoint is None:
+        print("nothing to sign: the chain is empty or its head is already checkpointed")
+        return 0
+    append_to_file(Path(config.checkpoint_file), checkpoint)
+    where = f"the database and {config.checkpoint_file}"
+    print(f"checkpoint at seq {checkpoint.seq} head {checkpoint.head_hash[:16]}… written to {where}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    engine = create_db_engine(from_args(args).database_url)
+    query = select(audit_events).order_by(audit_events.c.chain, audit_events.c.seq)
+    if args.since:
+        if args.since.isdigit():
+            query = query.where(audit_events.c.seq >= int(args.since))
+        else:
+            since = datetime.fromisoformat(args.since.replace("Z", "+00:00"))
+            query = query.where(audit_events.c.recorded_at >= (since if since.tzinfo else since.replace(tzinfo=UTC)))
+    with engine.connect() as conn:
+        for row in conn.execution_options(stream_results=True, yield_per=2000).execute(query).mappings():
+            event = dict(row)
+            event["recorded_at"] = row["recorded_at"].isoformat()
+            event["body"] = json.loads(row["body"])
+            sys.stdout.write(json.dumps(event, sort_keys=True, ensure_ascii=False) + "\n")
+    return 0
+
+
+def run_roles(args: argparse.Namespace) -> int:
+    config = from_args(args)
+    engine = create_db_engine(config.database_url)
+    if engine.dialect.name != "postgresql":
+        print(
+            "pdp db roles: roles exist on PostgreSQL only; on SQLite, file permissions are the boundary",
+            file=sys.stderr,
+        )
+        return 2
+    create_roles(engine, args.writer, args.auditor)
+    print(f"roles {args.writer} (append-only on the audit log) and {args.auditor} (read-only) are in place")
+    return 0
