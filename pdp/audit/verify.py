@@ -13,15 +13,18 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import Connection, Engine, RowMapping, select, text
+from sqlalchemy import Connection, Engine, select, text
 
 from pdp.audit.chain import GENESIS, MAIN_CHAIN, event_hash
 from pdp.audit.checkpoints import Checkpoint, read_file, stored
 from pdp.store.models import audit_events
 
 _COLUMNS = ("type", "proposal_id", "agent_id", "actor", "policy_version")
+_SELECTED = ("seq", "prev_hash", "body", "hash", *_COLUMNS)
+_HASH = 3
 _BATCH = 5_000
 
 # Each must exist (and on PostgreSQL fire ALWAYS) for the database to refuse change.
@@ -119,28 +122,28 @@ def verify(
                 return report
             prev = str(start)
         query = (
-            select(audit_events)
+            select(*(audit_events.c[name] for name in _SELECTED))
             .where(audit_events.c.chain == chain, audit_events.c.seq >= from_seq)
             .order_by(audit_events.c.seq)
         )
-        rows = conn.execution_options(stream_results=True, yield_per=_BATCH).execute(query).mappings()
+        rows = conn.execution_options(stream_results=True, yield_per=_BATCH).execute(query)
         for row in rows:
-            seq = int(row["seq"])
-            problem = _check_row(row, expected_seq, prev)
+            seq = int(row[0])
+            problem = _check_row(tuple(row), expected_seq, prev)
             if problem:
                 report.fail(seq if seq == expected_seq else expected_seq, problem)
                 break
             for source, cp in by_seq.get(seq, ()):
-                if cp.head_hash != row["hash"]:
+                if cp.head_hash != row[_HASH]:
                     report.fail(
                         seq,
                         f"checkpoint ({source}) signed head {cp.head_hash[:16]}… but the chain has "
-                        f"{row['hash'][:16]}… at seq {seq}: rewritten since it was signed",
+                        f"{row[_HASH][:16]}… at seq {seq}: rewritten since it was signed",
                     )
             if report.first_bad_seq is not None:
                 break
             report.events += 1
-            expected_seq, prev = seq + 1, str(row["hash"])
+            expected_seq, prev = seq + 1, str(row[_HASH])
         rows.close()
         report.head_seq, report.head_hash = expected_seq - 1, prev
         if report.first_bad_seq is None:
@@ -155,20 +158,19 @@ def verify(
     return report
 
 
-def _check_row(row: RowMapping, expected_seq: int, prev: str) -> str:
-    seq = int(row["seq"])
+def _check_row(row: tuple[Any, ...], expected_seq: int, prev: str) -> str:
+    seq, prev_hash, body, digest = int(row[0]), row[1], str(row[2]), row[_HASH]
     if seq != expected_seq:
         return f"seq jumps from {expected_seq - 1} to {seq}: events are missing"
-    if row["prev_hash"] != prev:
+    if prev_hash != prev:
         return f"prev_hash does not match the hash of seq {seq - 1}: the chain is broken here"
-    body = str(row["body"])
-    if event_hash(seq, prev, body.encode("utf-8")) != row["hash"]:
+    if event_hash(seq, prev, body.encode("utf-8")) != digest:
         return "hash does not match the body: the event was altered"
     try:
         parsed = json.loads(body)
     except ValueError:
         return "body is not JSON"
-    for column in _COLUMNS:
-        if parsed.get(column) != row[column]:
+    for offset, column in enumerate(_COLUMNS, start=4):
+        if parsed.get(column) != row[offset]:
             return f"column {column!r} does not match the hashed body: the row was altered"
     return ""
