@@ -78,6 +78,21 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its live children (the workers of `pdp serve --workers N`)."""
+    total = process_cpu(pid)
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for child in children:
+        try:
+            total += tree_cpu(int(child))
+        except OSError:
+            pass  # exited between the two reads
+    return total
+
+
 def background_load(seconds: float = 1.0) -> str:
     """How busy the machine is without us: other work skews every number a benchmark prints."""
     before, own0 = MachineCpu.read(), time.process_time()

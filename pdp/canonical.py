@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -136,6 +137,13 @@ def reference_canonical_json(value: Any) -> bytes:
     out: list[str] = []
     _encode(value, out)
     return "".join(out).encode("utf-8")
+
+
+def timestamp(value: datetime) -> str:
+    """The one timestamp form in hashed and signed data: UTC, microseconds, "Z" (2026-11-21T14:40:13.000000Z)."""
+    if value.tzinfo is None:
+        raise ValueError("naive datetime in canonical data")
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def digest(value: Any) -> str:

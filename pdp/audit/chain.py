@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, select, text
 
-from pdp.canonical import canonical_json
+from pdp.canonical import canonical_json, timestamp
 from pdp.store.models import audit_events
 
 DOMAIN_TAG = b"agent-pdp/audit/v1\n"
@@ -51,12 +51,13 @@ class Event:
     policy_version: str = ""
     data: dict[str, Any] = field(default_factory=dict)
 
-    def body(self) -> dict[str, Any]:
+    def body(self, event_id: str) -> dict[str, Any]:
         """The canonical body; the indexed columns repeat these fields so verify can cross-check them."""
         return {
+            "event_id": event_id,
             "type": self.type,
             "actor": self.actor,
-            "occurred_at": self.occurred_at.isoformat(),
+            "occurred_at": timestamp(self.occurred_at),
             "proposal_id": self.proposal_id,
             "agent_id": self.agent_id,
             "policy_version": self.policy_version,
@@ -94,9 +95,9 @@ def append(conn: Connection, event: Event, chain: str = MAIN_CHAIN) -> Appended:
         conn.execute(_LOCK, {"key": advisory_key(chain)})  # held until this transaction ends
     seq, prev = head(conn, chain)
     seq += 1
-    body = canonical_json(event.body())
-    digest = event_hash(seq, prev, body)
     event_id = str(uuid.uuid4())
+    body = canonical_json(event.body(event_id))
+    digest = event_hash(seq, prev, body)
     conn.execute(
         _INSERT,
         {

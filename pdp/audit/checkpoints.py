@@ -20,7 +20,7 @@ from sqlalchemy import Connection, select, text
 
 from pdp.audit.chain import MAIN_CHAIN, advisory_key, head
 from pdp.audit.keys import key_id
-from pdp.canonical import canonical_json
+from pdp.canonical import canonical_json, timestamp
 from pdp.store.models import audit_checkpoints
 
 DOMAIN_TAG = b"agent-pdp/checkpoint/v1\n"
@@ -40,7 +40,7 @@ class Checkpoint:
             "chain": self.chain,
             "seq": self.seq,
             "head_hash": self.head_hash,
-            "signed_at": self.signed_at.isoformat(),
+            "signed_at": timestamp(self.signed_at),
         }
         return DOMAIN_TAG + canonical_json(payload)
 
@@ -53,7 +53,7 @@ class Checkpoint:
 
     def to_line(self) -> str:
         data = asdict(self)
-        data["signed_at"] = self.signed_at.isoformat()
+        data["signed_at"] = timestamp(self.signed_at)
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -63,7 +63,7 @@ class Checkpoint:
             chain=str(data["chain"]),
             seq=int(data["seq"]),
             head_hash=str(data["head_hash"]),
-            signed_at=datetime.fromisoformat(data["signed_at"]),
+            signed_at=datetime.fromisoformat(str(data["signed_at"]).replace("Z", "+00:00")),
             key_id=str(data["key_id"]),
             signature=str(data["signature"]),
         )

@@ -22,7 +22,8 @@ from pdp.audit.chain import GENESIS, MAIN_CHAIN, event_hash
 from pdp.audit.checkpoints import Checkpoint, read_file, stored
 from pdp.store.models import audit_events
 
-_COLUMNS = ("type", "proposal_id", "agent_id", "actor", "policy_version")
+# Indexed columns that repeat a field of the hashed body (recorded_at is the database's own clock).
+_COLUMNS = ("event_id", "type", "proposal_id", "agent_id", "actor", "policy_version")
 _SELECTED = ("seq", "prev_hash", "body", "hash", *_COLUMNS)
 _HASH = 3
 _BATCH = 5_000
@@ -171,6 +172,6 @@ def _check_row(row: tuple[Any, ...], expected_seq: int, prev: str) -> str:
     except ValueError:
         return "body is not JSON"
     for offset, column in enumerate(_COLUMNS, start=4):
-        if parsed.get(column) != row[offset]:
+        if column not in parsed or parsed[column] != row[offset]:
             return f"column {column!r} does not match the hashed body: the row was altered"
     return ""

@@ -136,7 +136,9 @@ def run_export(args: argparse.Namespace) -> int:
         for row in conn.execution_options(stream_results=True, yield_per=2000).execute(query).mappings():
             event = dict(row)
             event["recorded_at"] = row["recorded_at"].isoformat()
+            # Parsed for the SIEM, and the exact hashed text so anyone can recompute the chain.
             event["body"] = json.loads(row["body"])
+            event["body_canonical"] = row["body"]
             sys.stdout.write(json.dumps(event, sort_keys=True, ensure_ascii=False) + "\n")
     return 0
 
