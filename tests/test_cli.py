@@ -238,7 +238,7 @@ def test_policy_eval_prints_the_decision(tmp_path: Path, cli_env: dict[str, str]
     as_json = pdp("policy", "eval", str(POLICIES), "--input", str(path), "--json", env=cli_env, cwd=tmp_path)
     decision = json.loads(as_json.stdout)
     assert decision["outcome"] == "needs_approval"
-    assert decision["approval_expires_at"] == "2026-01-05T12:00:00+00:00"
+    assert decision["approval_expires_at"] == "2026-01-05T12:00:00.000000Z"
 
 
 def test_policy_eval_rejects_a_bad_input_file(tmp_path: Path, cli_env: dict[str, str]) -> None:

@@ -7,6 +7,8 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
+from pdp.canonical import timestamp
+
 
 class Outcome(Enum):
     ALLOW = "allow"
@@ -80,7 +82,7 @@ class Decision:
             "retry_after_seconds": self.retry_after_seconds,
             "approval_requirements": [a.to_dict() for a in self.approval_requirements],
             "approval_expires_at": (
-                self.approval_expires_at.isoformat() if self.approval_expires_at is not None else None
+                timestamp(self.approval_expires_at) if self.approval_expires_at is not None else None
             ),
             "matched_rules": list(self.matched_rules),
         }

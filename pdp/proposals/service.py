@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from pdp.audit import chain, events
-from pdp.canonical import digest
+from pdp.canonical import digest, timestamp
 from pdp.identity.agents import Caller, TokenCache, authenticate, require_active
 from pdp.policy.bundle import PolicyBundle
 from pdp.policy.decision import Decision
@@ -135,6 +135,6 @@ def _decision_context(request: DecisionInput) -> dict[str, Any]:
             "roles": list(agent.roles),
             "labels": dict(agent.labels),
         },
-        "context": {"now": request.now.isoformat(), "environment": request.environment},
+        "context": {"now": timestamp(request.now), "environment": request.environment},
         "usage": dict(request.usage),
     }
