@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sqlite3
@@ -86,10 +87,8 @@ def tree_cpu(pid: int) -> float:
     except OSError:
         children = []
     for child in children:
-        try:
+        with contextlib.suppress(OSError):  # it exited between the two reads
             total += tree_cpu(int(child))
-        except OSError:
-            pass  # exited between the two reads
     return total
 
 
