@@ -9,8 +9,8 @@ recomputed hashes or a truncated tail.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,22 +28,25 @@ _SELECTED = ("seq", "prev_hash", "body", "hash", *_COLUMNS)
 _HASH = 3
 _BATCH = 5_000
 
-# Each must exist (and on PostgreSQL fire ALWAYS) for the database to refuse change.
-SQLITE_TRIGGERS = (
-    "audit_events_no_update",
-    "audit_events_no_delete",
-    "audit_events_extend_head",
-    "audit_checkpoints_no_update",
-    "audit_checkpoints_no_delete",
-    "audit_checkpoints_no_replace",
-)
-POSTGRES_TRIGGERS = (
-    "audit_events_no_change",
-    "audit_events_no_truncate",
-    "audit_events_extend_head",
-    "audit_checkpoints_no_change",
-    "audit_checkpoints_no_truncate",
-)
+# Each trigger must exist with exactly the definition migration 0002 created (on PostgreSQL: enabled
+# ALWAYS, with its function's source unchanged): a trigger recreated with `WHEN 0`, or a function
+# replaced by one that does nothing, keeps its name but refuses nothing. Values: SHA-256 of the
+# definition text (tests/test_audit_triggers.py rebuilds them from a fresh migration).
+SQLITE_TRIGGERS = {
+    "audit_events_no_update": "9e5442eb67c8104360a5acf1e60725d5d5ea2e77977dda7c120bcd3d2d1c4735",
+    "audit_events_no_delete": "97b8b975343b2d4e702dc58a44a550e6bedce400607806fbf30a76132df759a4",
+    "audit_events_extend_head": "d4f74f4309d63cf3cfa7e16970bfa6845dc06037b720fe68172a25fae02a7ccb",
+    "audit_checkpoints_no_update": "38af4ff3838aac3d4ec065e0839400716558dfc40dc6679f3221371e95ad7103",
+    "audit_checkpoints_no_delete": "bdd107f4b7faa96d7a71b5b89c3454f5fd0f3aa6c160574c644e2c5927b21271",
+    "audit_checkpoints_no_replace": "5392948bf910be33ac069255347f33f6e5600a7ba1740dc5f7e8c9235e9d852e",
+}
+POSTGRES_TRIGGERS = {
+    "audit_events_no_change": "da77e1b5b4f73e0d6fe7670f6775f932b92be46fd994564cffb6517a3c02da68",
+    "audit_events_no_truncate": "fbd5fa16e7ae02c4e47a03f475c3e407ba5b9801372197586c8a6348e6f9ee58",
+    "audit_events_extend_head": "4fd93bc6f9d5dc75c8952dfa1191c8ad474392d9939b4d2d520b3c899f8490e2",
+    "audit_checkpoints_no_change": "4ef36dbe6516d7d10390bd84ff20773eb4d744d4180fbcd3e063870aa2ab8e38",
+    "audit_checkpoints_no_truncate": "c002d17290978511c8ba3e47c6aca665a1a24ac483efd55ca4e52f5788fa93ce",
+}
 
 
 @dataclass
@@ -66,32 +69,45 @@ class Report:
             self.first_bad_seq, self.problem = seq, problem
 
 
-def missing_triggers(conn: Connection) -> list[str]:
+def trigger_fingerprints(conn: Connection) -> dict[str, str]:
+    """name -> SHA-256 of the definition of every trigger on the audit tables (PostgreSQL: enabled ALWAYS only)."""
     if conn.dialect.name == "postgresql":
         rows = conn.execute(
             text(
-                "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal AND tgenabled = 'A' "
-                "AND tgrelid IN ('audit_events'::regclass, 'audit_checkpoints'::regclass)"
+                "SELECT t.tgname, pg_get_triggerdef(t.oid) || chr(10) || p.prosrc FROM pg_trigger t "
+                "JOIN pg_proc p ON p.oid = t.tgfoid WHERE NOT t.tgisinternal AND t.tgenabled = 'A' "
+                "AND t.tgrelid IN ('audit_events'::regclass, 'audit_checkpoints'::regclass)"
             )
         )
-        expected: Iterable[str] = POSTGRES_TRIGGERS
     else:
-        rows = conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'trigger'"))
-        expected = SQLITE_TRIGGERS
-    present = {row[0] for row in rows}
-    return [name for name in expected if name not in present]
+        rows = conn.execute(
+            text(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' "
+                "AND tbl_name IN ('audit_events', 'audit_checkpoints')"
+            )
+        )
+    return {str(name): hashlib.sha256(str(definition).encode()).hexdigest() for name, definition in rows}
 
 
-def _checkpoints(
-    conn: Connection, chain: str, checkpoint_file: Path | None, report: Report
-) -> list[tuple[str, Checkpoint]]:
-    found = [("database", cp) for cp in stored(conn, chain)]
-    if checkpoint_file is not None:
-        try:
-            found += [(f"{checkpoint_file}:{n}", cp) for n, cp in read_file(checkpoint_file) if cp.chain == chain]
-        except (OSError, ValueError, KeyError) as exc:
-            report.fail(0, f"cannot read checkpoint file {checkpoint_file}: {exc}")
-    return found
+def missing_triggers(conn: Connection) -> list[str]:
+    """Refusal triggers that are absent, disabled or altered."""
+    expected = POSTGRES_TRIGGERS if conn.dialect.name == "postgresql" else SQLITE_TRIGGERS
+    present = trigger_fingerprints(conn)
+    return [
+        name if name not in present else f"{name} (altered)"
+        for name, fingerprint in expected.items()
+        if present.get(name) != fingerprint
+    ]
+
+
+def _file_checkpoints(checkpoint_file: Path | None, chain: str, report: Report) -> list[tuple[str, Checkpoint]]:
+    if checkpoint_file is None:
+        return []
+    try:
+        return [(f"{checkpoint_file}:{n}", cp) for n, cp in read_file(checkpoint_file) if cp.chain == chain]
+    except (OSError, ValueError, KeyError) as exc:
+        report.fail(0, f"cannot read checkpoint file {checkpoint_file}: {exc}")
+        return []
 
 
 def verify(
@@ -103,9 +119,12 @@ def verify(
     chain: str = MAIN_CHAIN,
 ) -> Report:
     report = Report()
+    # The file first: a checkpoint signed after the database snapshot below would otherwise name a seq
+    # the snapshot cannot see, and look like a truncation of a live, intact log.
+    from_file = _file_checkpoints(checkpoint_file, chain, report)
     with engine.connect() as conn:
         report.triggers_missing = missing_triggers(conn)
-        checkpoints = _checkpoints(conn, chain, checkpoint_file, report)
+        checkpoints = [("database", cp) for cp in stored(conn, chain)] + from_file
         by_seq: dict[int, list[tuple[str, Checkpoint]]] = {}
         for source, cp in checkpoints:
             if public_key is not None and not cp.valid(public_key):

@@ -81,9 +81,13 @@ class Recorded:
 # construction and coercion, which dominated the writer thread's time.
 _INSERT = proposals.insert()
 _IDEMPOTENCY = [proposals.c.agent_id, proposals.c.idempotency_key]
+# RETURNING says whether the row was inserted: psycopg reports rowcount -1 for ON CONFLICT DO NOTHING,
+# which once made every new keyed proposal look like a replay (and skip its audit event).
 _INSERT_IF_NEW = {
-    "postgresql": postgresql.insert(proposals).on_conflict_do_nothing(index_elements=_IDEMPOTENCY),
-    "sqlite": sqlite.insert(proposals).on_conflict_do_nothing(index_elements=_IDEMPOTENCY),
+    "postgresql": postgresql.insert(proposals)
+    .on_conflict_do_nothing(index_elements=_IDEMPOTENCY)
+    .returning(proposals.c.id),
+    "sqlite": sqlite.insert(proposals).on_conflict_do_nothing(index_elements=_IDEMPOTENCY).returning(proposals.c.id),
 }
 
 
@@ -92,7 +96,7 @@ def record_proposal(conn: Connection, record: ProposalRecord) -> Recorded:
     if not record.idempotency_key:
         conn.execute(_INSERT, record.row())
         return Recorded(record, replayed=False)
-    if conn.execute(_INSERT_IF_NEW[conn.dialect.name], record.row()).rowcount == 1:
+    if conn.execute(_INSERT_IF_NEW[conn.dialect.name], record.row()).first() is not None:
         return Recorded(record, replayed=False)
     row = (
         conn.execute(
