@@ -161,13 +161,25 @@ def _serving(address: str) -> bool:
     return bool(status.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def test_workers_share_one_port_and_stop_together(tmp_path: Path, cli_env: dict[str, str]) -> None:
-    url = f"sqlite:///{tmp_path / 'pdp.db'}"
-    upgrade(url)
-    token = add_agent(create_db_engine(url), "fleet", "o", ("support",))
+def test_workers_share_one_port_and_stop_together(database_url: str, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    token = add_agent(create_db_engine(database_url), "fleet", "o", ("support",))
     address = f"127.0.0.1:{_free_port()}"
-    command = [PDP, "serve", "--database-url", url, "--policy-dir", str(POLICIES), "--grpc-addr", address]
+    command = [PDP, "serve", "--database-url", database_url, "--policy-dir", str(POLICIES), "--grpc-addr", address]
+    if database_url.startswith("sqlite"):
+        refused = subprocess.run(
+            [*command, "--workers", "2"],
+            env=cli_env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert refused.returncode == 2
+        assert "--workers > 1 needs PostgreSQL" in refused.stderr
+        return
     server = subprocess.Popen([*command, "--workers", "2"], env=cli_env, cwd=tmp_path, text=True)
+    ids: set[str] = set()
     try:
         deadline = time.monotonic() + WAIT
         while not _serving(address):
@@ -175,7 +187,6 @@ def test_workers_share_one_port_and_stop_together(tmp_path: Path, cli_env: dict[
             assert time.monotonic() < deadline, "pdp serve --workers 2 did not become healthy"
             time.sleep(0.2)
         # Separate connections: the kernel spreads them over the workers; every one must be answered.
-        ids = set()
         for i in range(8):
             with PdpClient(address, token) as client:
                 ids.add(client.propose("tickets", "POST", BULK_CLOSE, f"close {i}", params={"count": 40}).proposal_id)
@@ -196,5 +207,8 @@ def test_workers_share_one_port_and_stop_together(tmp_path: Path, cli_env: dict[
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
-    engine = create_db_engine(url)
-    assert all(proposal_row(engine, pid) is not None for pid in ids)
+    engine = create_db_engine(database_url)
+    try:
+        assert all(proposal_row(engine, pid) is not None for pid in ids)
+    finally:
+        engine.dispose()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select, text
+from sqlalchemy import Connection, Engine, bindparam, event, select, text
 
 from pdp.canonical import canonical_json, timestamp
 from pdp.store.models import audit_events
@@ -89,10 +89,33 @@ def head(conn: Connection, chain: str = MAIN_CHAIN) -> tuple[int, str]:
     return (int(row.seq), str(row.hash)) if row is not None else (0, GENESIS)
 
 
+def lock_chain(conn: Connection, chain: str = MAIN_CHAIN) -> None:
+    """PostgreSQL: hold the chain's advisory lock until this transaction ends (once per transaction).
+
+    A transaction-level advisory lock survives the rollback of a savepoint, so remembering that this
+    transaction took it saves a round trip for every later unit in a group-committed batch.
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    held = conn.info.setdefault(_LOCKS_HELD, set())
+    if chain not in held:
+        conn.execute(_LOCK, {"key": advisory_key(chain)})
+        held.add(chain)
+
+
+_LOCKS_HELD = "pdp_audit_locks_held"
+
+
+@event.listens_for(Engine, "commit")
+@event.listens_for(Engine, "rollback")
+def _locks_released(conn: Connection) -> None:
+    """The transaction ended, and with it every advisory xact lock it held."""
+    conn.info.pop(_LOCKS_HELD, None)
+
+
 def append(conn: Connection, event: Event, chain: str = MAIN_CHAIN) -> Appended:
     """Append ``event`` in the caller's transaction; raises (and so rolls the caller back) on any failure."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(_LOCK, {"key": advisory_key(chain)})  # held until this transaction ends
+    lock_chain(conn, chain)
     seq, prev = head(conn, chain)
     seq += 1
     event_id = str(uuid.uuid4())

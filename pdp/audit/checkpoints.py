@@ -16,9 +16,9 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy import Connection, select, text
+from sqlalchemy import Connection, select
 
-from pdp.audit.chain import MAIN_CHAIN, advisory_key, head
+from pdp.audit.chain import MAIN_CHAIN, head, lock_chain
 from pdp.audit.keys import key_id
 from pdp.canonical import canonical_json, timestamp
 from pdp.store.models import audit_checkpoints
@@ -71,8 +71,7 @@ class Checkpoint:
 
 def sign_head(conn: Connection, key: Ed25519PrivateKey, now: datetime, chain: str = MAIN_CHAIN) -> Checkpoint | None:
     """Sign the current head and store the checkpoint in this transaction; None if there is nothing new."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": advisory_key(chain)})
+    lock_chain(conn, chain)
     seq, head_hash = head(conn, chain)
     if seq == 0:
         return None
