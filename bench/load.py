@@ -279,7 +279,7 @@ def make_safe(url: str) -> str:
 class Server:
     """``pdp serve`` in a subprocess; stopped with SIGTERM (then SIGKILL) by its own pid."""
 
-    def __init__(self, database_url: str, workdir: Path, workers: int = 1) -> None:
+    def __init__(self, database_url: str, workdir: Path) -> None:
         self.port = _free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = workdir / "server.log"
@@ -292,7 +292,6 @@ class Server:
                 "--admin-addr", f"127.0.0.1:{_free_port()}",
                 "--policy-dir", str(POLICY_DIR),
                 "--environment", "dev",
-                "--workers", str(workers),
             ],
             cwd=workdir,
             stdout=self._log,
@@ -460,7 +459,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="PostgreSQL URL, e.g. postgresql+psycopg://postgres@127.0.0.1:5432/pdp_bench: the benchmark "
         "DROPS and re-creates that database, and drops it at the end. Default: a fresh SQLite file in a temp dir.",
     )
-    parser.add_argument("--workers", type=int, default=1, help="pdp serve --workers (server processes, 1)")
     parser.add_argument("--skip-sequential", action="store_true", help="only the saturation phase")
     parser.add_argument("--skip-saturation", action="store_true", help="only the concurrency-1 phase")
     args = parser.parse_args(argv)
@@ -489,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "--database-url", database_url, cwd=workdir)  # fmt: skip
             tokens[role] = out.strip().splitlines()[-1]
         print(f"database: {describe_database(database_url, workdir)}")
-        server = Server(database_url, workdir, args.workers)
+        server = Server(database_url, workdir)
         ready = server.wait_serving()
         print(
             f"setup: migrated, agents {', '.join(a[0] for a in AGENTS.values())} created; pdp serve pid "

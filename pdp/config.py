@@ -36,13 +36,6 @@ SETTINGS = (
         ".pdp/checkpoints.jsonl",
         "signed audit checkpoints, appended outside the database",
     ),
-    Setting(
-        "workers",
-        "--workers",
-        "PDP_WORKERS",
-        "1",
-        "server processes sharing the gRPC port (SO_REUSEPORT); one process uses one core",
-    ),
     Setting("checkpoint_every", "--checkpoint-every", "PDP_CHECKPOINT_EVERY", "1000", "checkpoint after N events"),
     Setting(
         "checkpoint_interval",
@@ -65,7 +58,6 @@ class Config:
     checkpoint_file: str = ".pdp/checkpoints.jsonl"
     checkpoint_every: str = "1000"
     checkpoint_interval: str = "60"
-    workers: str = "1"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import socket
-import subprocess
 import threading
-import time
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import BULK_CLOSE, PDP, POLICIES, BackgroundServer, Server, proposal_row, running_server, server_config
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from conftest import BULK_CLOSE, BackgroundServer, Server, proposal_row, running_server, server_config
 
 from pdp.client import PdpClient, PdpClientError
 from pdp.config import Config, add_arguments, from_args
@@ -141,74 +136,3 @@ def test_flags_win_over_variables_which_win_over_defaults(monkeypatch: pytest.Mo
     assert config.environment == "prod"  # flag over variable
     assert config.grpc_addr == "127.0.0.1:6000"  # variable over default
     assert config.policy_dir == "policies"  # default
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _serving(address: str) -> bool:
-    try:
-        with grpc.insecure_channel(address) as channel:
-            status = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="pdp.v1.PolicyDecisionPoint"), timeout=1.0
-            )
-    except grpc.RpcError:
-        return False
-    return bool(status.status == health_pb2.HealthCheckResponse.SERVING)
-
-
-def test_workers_share_one_port_and_stop_together(database_url: str, tmp_path: Path, cli_env: dict[str, str]) -> None:
-    token = add_agent(create_db_engine(database_url), "fleet", "o", ("support",))
-    address = f"127.0.0.1:{_free_port()}"
-    command = [PDP, "serve", "--database-url", database_url, "--policy-dir", str(POLICIES), "--grpc-addr", address]
-    if database_url.startswith("sqlite"):
-        refused = subprocess.run(
-            [*command, "--workers", "2"],
-            env=cli_env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert refused.returncode == 2
-        assert "--workers > 1 needs PostgreSQL" in refused.stderr
-        return
-    server = subprocess.Popen([*command, "--workers", "2"], env=cli_env, cwd=tmp_path, text=True)
-    ids: set[str] = set()
-    try:
-        deadline = time.monotonic() + WAIT
-        while not _serving(address):
-            assert server.poll() is None, "pdp serve --workers 2 exited while starting"
-            assert time.monotonic() < deadline, "pdp serve --workers 2 did not become healthy"
-            time.sleep(0.2)
-        # Separate connections: the kernel spreads them over the workers; every one must be answered.
-        for i in range(8):
-            with PdpClient(address, token) as client:
-                ids.add(client.propose("tickets", "POST", BULK_CLOSE, f"close {i}", params={"count": 40}).proposal_id)
-        assert len(ids) == 8
-
-        # A second server must not join the workers on their port.
-        second = subprocess.run(
-            [*command, "--workers", "2"],
-            env=cli_env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert second.returncode == 2
-        assert f"cannot listen on {address}" in second.stderr
-    finally:
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=60) == 0
-    engine = create_db_engine(database_url)
-    try:
-        assert all(proposal_row(engine, pid) is not None for pid in ids)
-    finally:
-        engine.dispose()

@@ -63,7 +63,7 @@ def _bind(server: grpc.aio.Server, address: str) -> int:
     return port
 
 
-async def start(config: Config, *, reuse_port: bool = False) -> RunningServer:
+async def start(config: Config) -> RunningServer:
     """Load the bundle, check the schema, bind, and start serving. Refuses with StartupError."""
     try:
         bundle = load_bundle(config.policy_dir)
@@ -89,9 +89,8 @@ async def start(config: Config, *, reuse_port: bool = False) -> RunningServer:
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            # Off unless this is one of several workers (see workers.py): a second `pdp serve` on a
-            # taken port must fail, not silently share its traffic.
-            ("grpc.so_reuseport", 1 if reuse_port else 0),
+            # Off: a second `pdp serve` on a taken port must fail, not silently share its traffic.
+            ("grpc.so_reuseport", 0),
         ]
     )
     try:
@@ -119,8 +118,8 @@ async def start(config: Config, *, reuse_port: bool = False) -> RunningServer:
     return RunningServer(server, port, api, writer, pool, health_servicer, bundle.policy_version, checkpointer)
 
 
-async def serve(config: Config, *, reuse_port: bool = False) -> None:
-    running = await start(config, reuse_port=reuse_port)
+async def serve(config: Config) -> None:
+    running = await start(config)
     host = config.grpc_addr.rsplit(":", 1)[0]
     print(
         f"pdp: agent gRPC API on {host}:{running.port}, policy {config.policy_dir} ({running.policy_version}), "
