@@ -47,6 +47,7 @@ proto-check: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.engine
 	$(BIN)/python -m bench.load
+	$(BIN)/python -m bench.verify
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache
