@@ -56,6 +56,21 @@ BULK_CLOSE = "https://tickets.internal/api/tickets/bulk-close"
 ADMIN_MEMBERS = "iam://roles/admin/members"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`@pytest.mark.backend("postgres")`: collect the test for that database only (deselected, not skipped,
+    elsewhere), so a CI log's skips can only mean a missing dependency."""
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        marker = item.get_closest_marker("backend")
+        callspec = getattr(item, "callspec", None)
+        backends = {v for v in callspec.params.values() if v in ("sqlite", "postgres")} if callspec else set()
+        (dropped if marker and backends and marker.args[0] not in backends else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "false", "0")
 

@@ -142,12 +142,10 @@ def test_several_processes_proposing_at_once(database_url: str) -> None:
         engine.dispose()
 
 
-@pytest.mark.postgres
+@pytest.mark.backend("postgres")
 def test_two_replicas_on_one_postgres_database(database_url: str, tmp_path: Path) -> None:
     """Two servers, each with its own writer, append to one chain: the advisory lock keeps seq gap-free and
     every append succeeds (without it, one of two concurrent appends of the same seq would fail)."""
-    if not database_url.startswith("postgresql"):
-        pytest.skip("replicas share a PostgreSQL database")
     configs = [
         replace(
             server_config(database_url),

@@ -266,9 +266,8 @@ def test_update_and_delete_are_refused(audit_db: AuditDb, statement: str) -> Non
         "TRUNCATE audit_events, audit_checkpoints RESTART IDENTITY CASCADE",
     ],
 )
+@pytest.mark.backend("postgres")  # SQLite has no TRUNCATE; its DELETE-all is refused above
 def test_truncate_is_refused(audit_db: AuditDb, statement: str) -> None:
-    if audit_db.dialect != "postgresql":
-        pytest.skip("SQLite has no TRUNCATE (its DELETE-all is refused above)")
     before = audit_db.snapshot()
     assert "append-only: TRUNCATE refused" in audit_db.refused(statement)
     assert audit_db.snapshot() == before
@@ -285,10 +284,9 @@ def test_truncate_is_refused(audit_db: AuditDb, statement: str) -> None:
         "TRUNCATE audit_checkpoints",
     ],
 )
+@pytest.mark.backend("postgres")
 def test_replica_mode_does_not_switch_the_refusal_off(audit_db: AuditDb, statement: str) -> None:
     """`session_replication_role = replica` skips ordinary triggers; ours fire ALWAYS."""
-    if audit_db.dialect != "postgresql":
-        pytest.skip("session_replication_role is PostgreSQL's")
     before = audit_db.snapshot()
     with audit_db.engine.connect() as conn:
         assert conn.execute(text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")).scalar() is True
@@ -310,9 +308,8 @@ _INSERT_EVENT = (
 )
 
 
+@pytest.mark.backend("sqlite")
 def test_insert_or_replace_cannot_overwrite_an_event(audit_db: AuditDb) -> None:
-    if audit_db.dialect != "sqlite":
-        pytest.skip("INSERT OR REPLACE is SQLite's")
     before = audit_db.snapshot()
     row = before[0][4]  # seq 5
     forged = _row_values(row, body=row["body"].replace("step 5", "step five"), event_id=str(uuid.uuid4()))
@@ -650,8 +647,7 @@ class Roles:
 
 @pytest.fixture
 def roles(audit_db: AuditDb) -> Iterator[Roles]:
-    if audit_db.dialect != "postgresql":
-        pytest.skip("roles are PostgreSQL's")
+    assert audit_db.dialect == "postgresql", 'tests using roles need @pytest.mark.backend("postgres")'
     suffix = uuid.uuid4().hex[:10]
     names = Roles(f"pdp_writer_{suffix}", f"pdp_auditor_{suffix}", f"pdp_svc_{suffix}", f"pdp_aud_{suffix}")
     admin = _libpq(audit_db.url, "postgres")
@@ -685,6 +681,7 @@ def _permission_denied(engine: Engine, statement: str) -> None:
     assert "append-only" not in message
 
 
+@pytest.mark.backend("postgres")
 def test_the_writer_appends_and_the_auditor_reads(audit_db: AuditDb, roles: Roles) -> None:
     before = audit_db.snapshot()
     writer_url = make_url(audit_db.url).set(username=roles.writer_login).render_as_string(hide_password=False)
