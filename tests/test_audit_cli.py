@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Engine, text
 from test_audit_chain import chain_rows, public_key
 
+from pdp.audit import chain
 from pdp.audit.chain import Event, append
 from pdp.audit.checkpoints import read_file, stored
 from pdp.audit.keys import key_id, load_private, load_public, public_path
@@ -156,12 +157,34 @@ def test_verify_fails_when_only_the_triggers_are_gone(cli: Cli) -> None:
 
 
 def test_verify_cannot_start_without_its_inputs(cli: Cli, tmp_path: Path) -> None:
-    code, _, err = cli("audit", "verify")
+    code, _, err = cli("audit", "verify", "--checkpoints", str(tmp_path / "nowhere.jsonl"))
     assert code == 2
     assert "no checkpoint file" in err
     code, _, err = cli("audit", "verify", "--no-checkpoint-file", "--signing-key", str(tmp_path / "nowhere.key"))
     assert code == 2
     assert "cannot read the key" in err
+
+
+def test_verify_before_the_first_checkpoint_passes_and_says_so(cli: Cli) -> None:
+    """Right after `make run` no checkpoint exists yet: that is not tampering, but verify says what it cannot see."""
+    engine = create_db_engine(cli.database_url)
+    with engine.begin() as conn:  # events, but no checkpoint anywhere yet
+        for i in range(3):
+            chain.append(conn, chain.Event(type="proposal.decided", actor=f"agent:a{i}", occurred_at=datetime.now(UTC)))
+        assert conn.execute(text("SELECT count(*) FROM audit_checkpoints")).scalar() == 0
+    engine.dispose()
+    assert not Path(os.environ["PDP_CHECKPOINT_FILE"]).exists()
+    code, out, _ = cli("audit", "verify")
+    assert code == 0, out
+    assert "no checkpoint yet" in out
+
+
+def test_verify_fails_when_the_checkpoint_file_is_gone_but_the_database_has_checkpoints(cli: Cli) -> None:
+    _populate(cli.database_url)  # the server signs its head at shutdown, into the database (and its own file)
+    assert not Path(os.environ["PDP_CHECKPOINT_FILE"]).exists()  # ...not this one: as if it were deleted
+    code, out, _ = cli("audit", "verify")
+    assert code == 1, out
+    assert "is gone" in out
 
 
 def test_verify_from_a_trusted_seq(cli: Cli) -> None:

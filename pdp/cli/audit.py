@@ -75,9 +75,12 @@ def run_verify(args: argparse.Namespace) -> int:
         print(f"pdp audit verify: {exc}", file=sys.stderr)
         return 2
     checkpoint_file = None if args.no_checkpoint_file else (args.checkpoints or Path(config.checkpoint_file))
-    if checkpoint_file is not None and not checkpoint_file.exists():
-        print(f"pdp audit verify: no checkpoint file at {checkpoint_file} (use --no-checkpoint-file)", file=sys.stderr)
+    file_missing = checkpoint_file is not None and not checkpoint_file.exists()
+    if file_missing and args.checkpoints is not None:
+        print(f"pdp audit verify: no checkpoint file at {checkpoint_file}", file=sys.stderr)
         return 2
+    if file_missing:
+        checkpoint_file = None  # judged below: only suspicious if the database says checkpoints were written
     report = verify(
         create_db_engine(config.database_url),
         public_key=public_key,
@@ -93,6 +96,14 @@ def run_verify(args: argparse.Namespace) -> int:
     if report.first_bad_seq is not None:
         print(f"FAIL at seq {report.first_bad_seq}: {report.problem}")
         return 1
+    if file_missing and report.checkpoints:
+        print(
+            f"FAIL: the database holds {report.checkpoints} checkpoint(s) but the file {config.checkpoint_file} is gone"
+        )
+        return 1
+    if file_missing:
+        print(f"note:        no checkpoint yet ({config.checkpoint_file} does not exist): a truncated tail cannot be")
+        print("             detected until the first checkpoint (pdp audit checkpoint, or the server's next one)")
     if report.triggers_missing:
         print("FAIL: the database no longer refuses changes to the audit log")
         return 1
