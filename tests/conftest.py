@@ -17,9 +17,13 @@ import asyncio
 import itertools
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,8 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import psycopg
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg import sql
 from sqlalchemy import Engine, func, select
 from sqlalchemy.engine import make_url
@@ -292,3 +298,86 @@ def broken_bundle(tmp_path: Path) -> tuple[Path, int]:
     lines[target] = f"{indent}when: 'action.resourse == \"x\"'\n"
     path.write_text("".join(lines))
     return bundle, target + 1
+
+
+# --- `pdp serve` as a subprocess ----------------------------------------------------------------------
+
+STARTUP_TIMEOUT = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class ServeProcess:
+    process: subprocess.Popen[str]
+    address: str
+    stdout: Path
+    stderr: Path
+
+    def output(self) -> str:
+        return f"stdout:\n{self.stdout.read_text()}\nstderr:\n{self.stderr.read_text()}"
+
+    def health(self, timeout: float = 5.0) -> int:
+        with grpc.insecure_channel(self.address) as channel:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="pdp.v1.PolicyDecisionPoint"), timeout=timeout
+            )
+        status: int = response.status
+        return status
+
+    def wait_until_serving(self) -> None:
+        """Poll the health check until SERVING and the startup line is out (signal handlers follow it)."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            if self.process.poll() is not None:
+                pytest.fail(f"pdp serve exited {self.process.returncode} while starting\n{self.output()}")
+            try:
+                if (
+                    self.health(timeout=1.0) == health_pb2.HealthCheckResponse.SERVING
+                    and "agent gRPC API on" in self.stdout.read_text()
+                ):
+                    break
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"pdp serve did not become healthy\n{self.output()}")
+            time.sleep(0.1)
+        # One more call: its handler runs on the event loop after `serve` installed its signal handlers.
+        assert self.health() == health_pb2.HealthCheckResponse.SERVING
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            raise
+
+
+def start_serve(database_url: str, directory: Path, env: dict[str, str], name: str = "serve") -> ServeProcess:
+    """`pdp serve` as a subprocess on a free port, once it answers SERVING and has its signal handlers."""
+    address = f"127.0.0.1:{free_port()}"
+    stdout, stderr = directory / f"{name}.out", directory / f"{name}.err"
+    with stdout.open("w") as out, stderr.open("w") as err:
+        process = subprocess.Popen(
+            [PDP, "serve", "--policy-dir", str(POLICIES), "--database-url", database_url, "--grpc-addr", address],
+            stdout=out,
+            stderr=err,
+            text=True,
+            env=env,
+            cwd=directory,
+        )
+    serve = ServeProcess(process, address, stdout, stderr)
+    try:
+        serve.wait_until_serving()
+    except BaseException:
+        serve.stop()
+        raise
+    return serve

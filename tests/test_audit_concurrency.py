@@ -8,7 +8,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -18,10 +17,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-import grpc
 import pytest
-from conftest import BULK_CLOSE, PDP, POLICIES, TICKETS, BackgroundServer, server_config, signing_key
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from conftest import BULK_CLOSE, PDP, TICKETS, BackgroundServer, server_config, signing_key, start_serve
 from sqlalchemy import Engine, func, select
 from test_audit_chain import CANCELLED, DECIDED, assert_chain_intact, chain_rows, public_key
 
@@ -186,53 +183,6 @@ def test_two_replicas_on_one_postgres_database(database_url: str, tmp_path: Path
 # --- kill -9 under load --------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class Serve:
-    process: subprocess.Popen[bytes]
-    address: str
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def start_serve(database_url: str, env: dict[str, str], directory: Path, name: str) -> Serve:
-    address = f"127.0.0.1:{_free_port()}"
-    log = directory / f"{name}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [PDP, "serve", "--policy-dir", str(POLICIES), "--database-url", database_url, "--grpc-addr", address],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**env, "PDP_CHECKPOINT_EVERY": "10"},
-            cwd=directory,
-        )
-    serve = Serve(process, address, log)
-    deadline = time.monotonic() + WAIT
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"pdp serve exited {process.returncode} while starting\n{serve.output()}")
-            try:
-                status = health.Check(health_pb2.HealthCheckRequest(service="pdp.v1.PolicyDecisionPoint"), timeout=1)
-                if status.status == health_pb2.HealthCheckResponse.SERVING:
-                    return serve
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"pdp serve did not become healthy\n{serve.output()}")
-            time.sleep(0.05)
-
-
 @dataclass
 class Load:
     """Client threads proposing in a loop, each recording every proposal id it got an answer for."""
@@ -286,7 +236,8 @@ def test_kill_9_under_load_loses_no_acknowledged_decision(
     engine = create_db_engine(database_url)
     token = add_agent(engine, "crash-agent", "tester", ("support",))
     checkpoints = Path(cli_env["PDP_CHECKPOINT_FILE"])
-    serve = start_serve(database_url, cli_env, tmp_path, "first")
+    env = {**cli_env, "PDP_CHECKPOINT_EVERY": "10"}
+    serve = start_serve(database_url, tmp_path, env, "first")
     load = Load(serve.address, token)
     try:
         load.start()
@@ -306,7 +257,7 @@ def test_kill_9_under_load_loses_no_acknowledged_decision(
     received = set(load.received)
     assert len(received) == len(load.received) >= 60
 
-    restarted = start_serve(database_url, cli_env, tmp_path, "second")
+    restarted = start_serve(database_url, tmp_path, env, "second")
     try:
         # Every decision a client was told about is durable, with its audit event.
         assert received <= proposal_ids(engine)

@@ -6,25 +6,30 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import ADMIN_MEMBERS, BULK_CLOSE, PDP, POLICIES, TICKETS, broken_bundle, count_proposals, proposal_row
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from conftest import (
+    ADMIN_MEMBERS,
+    BULK_CLOSE,
+    PDP,
+    POLICIES,
+    TICKETS,
+    ServeProcess,
+    broken_bundle,
+    count_proposals,
+    proposal_row,
+    start_serve,
+)
 from sqlalchemy import Engine, select
 
 from pdp.store.database import create_db_engine
 from pdp.store.migrate import is_current
 from pdp.store.models import agents
-
-STARTUP_TIMEOUT = 60.0
 
 
 def pdp(
@@ -252,83 +257,6 @@ def test_policy_eval_rejects_a_bad_input_file(tmp_path: Path, cli_env: dict[str,
 # --- serve and propose -------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class ServeProcess:
-    process: subprocess.Popen[str]
-    address: str
-    stdout: Path
-    stderr: Path
-
-    def output(self) -> str:
-        return f"stdout:\n{self.stdout.read_text()}\nstderr:\n{self.stderr.read_text()}"
-
-    def health(self, timeout: float = 5.0) -> int:
-        with grpc.insecure_channel(self.address) as channel:
-            response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="pdp.v1.PolicyDecisionPoint"), timeout=timeout
-            )
-        status: int = response.status
-        return status
-
-    def wait_until_serving(self) -> None:
-        """Poll the health check until SERVING and the startup line is out (signal handlers follow it)."""
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            if self.process.poll() is not None:
-                pytest.fail(f"pdp serve exited {self.process.returncode} while starting\n{self.output()}")
-            try:
-                if (
-                    self.health(timeout=1.0) == health_pb2.HealthCheckResponse.SERVING
-                    and "agent gRPC API on" in self.stdout.read_text()
-                ):
-                    break
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"pdp serve did not become healthy\n{self.output()}")
-            time.sleep(0.1)
-        # One more call: its handler runs on the event loop after `serve` installed its signal handlers.
-        assert self.health() == health_pb2.HealthCheckResponse.SERVING
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-            raise
-
-
-def start_serve(db: Database, directory: Path, env: dict[str, str]) -> ServeProcess:
-    address = f"127.0.0.1:{free_port()}"
-    stdout, stderr = directory / "serve.out", directory / "serve.err"
-    with stdout.open("w") as out, stderr.open("w") as err:
-        process = subprocess.Popen(
-            [PDP, "serve", "--policy-dir", str(POLICIES), "--database-url", db.url, "--grpc-addr", address],
-            stdout=out,
-            stderr=err,
-            text=True,
-            env=env,
-            cwd=directory,
-        )
-    serve = ServeProcess(process, address, stdout, stderr)
-    try:
-        serve.wait_until_serving()
-    except BaseException:
-        serve.stop()
-        raise
-    return serve
-
-
 @dataclass
 class Demo:
     """`pdp serve` on a migrated SQLite file, and the development agent's environment for `pdp propose`."""
@@ -347,7 +275,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     pdp("db", "upgrade", "--database-url", db.url, env=env, cwd=cwd, check=True)
     pdp("keys", "init", env=env, cwd=cwd, check=True)  # as `make run` does
     token = add_agent_cli(db, env, cwd, "dev-agent", "--owner", "dev", "--roles", "support")
-    serve = start_serve(db, cwd, env)
+    serve = start_serve(db.url, cwd, env)
     try:
         yield Demo(serve, db, {**env, "PDP_AGENT_TOKEN": token, "PDP_GRPC_ADDR": serve.address}, cwd)
     finally:
@@ -446,7 +374,7 @@ def test_propose_without_a_token_explains_how_to_get_one(tmp_path: Path, cli_env
 
 
 def test_serve_stops_cleanly_on_sigterm(db: Database, tmp_path: Path, cli_env: dict[str, str]) -> None:
-    serve = start_serve(db, tmp_path, cli_env)
+    serve = start_serve(db.url, tmp_path, cli_env)
     token = add_agent_cli(db, cli_env, tmp_path, "dev-agent", "--owner", "dev", "--roles", "support")
     env = {**cli_env, "PDP_AGENT_TOKEN": token, "PDP_GRPC_ADDR": serve.address}
     args = ["--tool", "tickets", "--operation", "POST", "--resource", TICKETS, "--justification", "x"]
