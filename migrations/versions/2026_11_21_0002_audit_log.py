@@ -135,7 +135,9 @@ def _postgresql_refusals() -> list[str]:
 
 def upgrade() -> None:
     dialect = op.get_bind().dialect.name
-    now = sa.text("(strftime('%Y-%m-%d %H:%M:%f', 'now'))") if dialect == "sqlite" else sa.text("now()")
+    # SQLite: the very text form SQLAlchemy stores datetimes in (microseconds), so comparisons with bound
+    # datetimes are exact; strftime's %f gives milliseconds, padded to six digits.
+    now = sa.text("(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')") if dialect == "sqlite" else sa.text("now()")
     op.create_table(
         "audit_events",
         sa.Column("chain", sa.String(64), nullable=False),

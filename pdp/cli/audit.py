@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from pdp.audit.checkpoints import append_to_file, sign_head
 from pdp.audit.keys import KeyFileError, init_key, load_private, load_public, public_path
@@ -142,13 +142,7 @@ def run_export(args: argparse.Namespace) -> int:
             query = query.where(audit_events.c.seq >= int(args.since))
         else:
             since = datetime.fromisoformat(args.since.replace("Z", "+00:00"))
-            since = (since if since.tzinfo else since.replace(tzinfo=UTC)).astimezone(UTC)
-            if engine.dialect.name == "sqlite":
-                # recorded_at is text with milliseconds there; compare in that very form so T itself is kept.
-                text_since = since.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-                query = query.where(text("audit_events.recorded_at >= :since").bindparams(since=text_since))
-            else:
-                query = query.where(audit_events.c.recorded_at >= since)
+            query = query.where(audit_events.c.recorded_at >= (since if since.tzinfo else since.replace(tzinfo=UTC)))
     with engine.connect() as conn:
         for row in conn.execution_options(stream_results=True, yield_per=2000).execute(query).mappings():
             event = dict(row)
