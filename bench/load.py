@@ -41,7 +41,7 @@ from sqlalchemy.engine import URL
 
 from bench import sysinfo
 from bench.mix import AGENTS, sample
-from bench.sysinfo import MachineCpu, tree_cpu
+from bench.sysinfo import MachineCpu, process_cpu
 from pdp.client import PdpClient, PdpClientError
 from pdp.store.database import create_db_engine, is_sqlite, normalize_url
 from pdp.v1 import pdp_pb2, pdp_pb2_grpc
@@ -367,13 +367,13 @@ def run_phase(
         futures = [pool.submit(run_worker, spec) for spec in specs]
         time.sleep(max(0.0, start_at - time.time()))
         server_cpu0, machine0, bytes0 = (
-            tree_cpu(server.proc.pid),
+            process_cpu(server.proc.pid),
             MachineCpu.read(),
             process_write_bytes(server.proc.pid),
         )
         time.sleep(max(0.0, end_at - time.time()))
         server_cpu1, machine1, bytes1 = (
-            tree_cpu(server.proc.pid),
+            process_cpu(server.proc.pid),
             MachineCpu.read(),
             process_write_bytes(server.proc.pid),
         )

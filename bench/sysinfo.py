@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import sqlite3
@@ -77,19 +76,6 @@ def process_cpu(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()  # fields[0] is field 3 (state); utime, stime are 14, 15
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def tree_cpu(pid: int) -> float:
-    """CPU seconds of a process and its live children (the workers of `pdp serve --workers N`)."""
-    total = process_cpu(pid)
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        children = []
-    for child in children:
-        with contextlib.suppress(OSError):  # it exited between the two reads
-            total += tree_cpu(int(child))
-    return total
 
 
 def background_load(seconds: float = 1.0) -> str:

@@ -137,7 +137,3 @@ class TokenCache:
             self._entries.move_to_end(caller.token_hash)
             while len(self._entries) > self._max:
                 self._entries.popitem(last=False)
-
-    def forget(self, caller: Caller) -> None:
-        with self._lock:
-            self._entries.pop(caller.token_hash, None)

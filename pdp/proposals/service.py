@@ -59,10 +59,6 @@ class ProposalService:
         self._tokens.put(caller)
         return caller
 
-    def forget(self, caller: Caller) -> None:
-        """Drop a caller whose token turned out to be revoked."""
-        self._tokens.forget(caller)
-
     def _decision_input(self, agent: AgentIdentity, proposal: ProposalInput, now: datetime) -> DecisionInput:
         return DecisionInput(agent=agent, action=proposal.action, now=now, environment=self._environment)
 

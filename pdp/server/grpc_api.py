@@ -113,14 +113,6 @@ class PolicyDecisionPointService:
             return cached  # still checked active inside whatever the request does next
         return await self._blocking(self._service.authenticate, token)
 
-    async def _checked(self, caller: Caller, call: Awaitable[R]) -> R:
-        """Await ``call``; if it found the token revoked, drop the cached identity."""
-        try:
-            return await call
-        except Unauthenticated:
-            self._service.forget(caller)
-            raise
-
     @staticmethod
     def _proposal_id(request: pdp_pb2.GetProposalRequest) -> str:
         return validate_proposal_id(request.proposal_id)
@@ -131,7 +123,7 @@ class PolicyDecisionPointService:
     ) -> pdp_pb2.ProposeResponse:
         caller = await self._caller(context)
         proposal = validate(request)
-        recorded = await self._checked(caller, asyncio.wrap_future(self._service.propose(caller, proposal)))
+        recorded = await asyncio.wrap_future(self._service.propose(caller, proposal))
         record = recorded.record
         return pdp_pb2.ProposeResponse(
             proposal_id=record.id, decision=decision_message(record.decision), state=STATES[record.state]
@@ -143,7 +135,7 @@ class PolicyDecisionPointService:
     ) -> pdp_pb2.Decision:
         caller = await self._caller(context)
         proposal = validate(request)
-        await self._checked(caller, self._blocking(self._service.check_active, caller))
+        await self._blocking(self._service.check_active, caller)
         return decision_message(self._service.evaluate(caller, proposal))
 
     @_unary
@@ -151,7 +143,7 @@ class PolicyDecisionPointService:
         self, request: pdp_pb2.GetProposalRequest, context: Context
     ) -> pdp_pb2.Proposal:
         caller = await self._caller(context)
-        record = await self._checked(caller, self._blocking(self._service.get, caller, self._proposal_id(request)))
+        record = await self._blocking(self._service.get, caller, self._proposal_id(request))
         return proposal_message(record)
 
     @_unary
@@ -160,7 +152,7 @@ class PolicyDecisionPointService:
     ) -> pdp_pb2.Proposal:
         caller = await self._caller(context)
         proposal_id = self._proposal_id(request)
-        record = await self._checked(caller, asyncio.wrap_future(self._service.cancel(caller, proposal_id)))
+        record = await asyncio.wrap_future(self._service.cancel(caller, proposal_id))
         return proposal_message(record)
 
     async def WatchProposal(  # noqa: N802
@@ -192,7 +184,7 @@ class PolicyDecisionPointService:
         """Yield the proposal whenever its state changes, until a terminal state or shutdown."""
         last = None
         while True:
-            record = await self._checked(caller, self._blocking(self._service.get, caller, proposal_id))
+            record = await self._blocking(self._service.get, caller, proposal_id)
             seen = (record.state, record.updated_at)
             if seen != last:
                 last = seen
