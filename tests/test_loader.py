@@ -630,7 +630,9 @@ def test_valid_durations(tmp_path: Path, text: str, seconds: float) -> None:
     assert bundle.default_approval.expires_in.total_seconds() == seconds
 
 
-@pytest.mark.parametrize("text", ["30x", "1h30x", "x1h", "1.5h", "-5m", "0s", "0m0s", "", " ", "h", "1 h", "10"])
+@pytest.mark.parametrize(
+    "text", ["30x", "1h30x", "x1h", "1.5h", "-5m", "0s", "0m0s", "", " ", "h", "1 h", "10", "366d", "99999999999d"]
+)
 def test_invalid_durations(tmp_path: Path, text: str) -> None:
     with pytest.raises(BundleError) as excinfo:
         make_bundle(tmp_path, default_approval={"groups": ["ops"], "expires_in": text})
@@ -686,3 +688,13 @@ def test_an_invalid_bundle_document_does_not_make_approvals_look_missing(tmp_pat
     error = load_files(tmp_path, {"bundle.yaml": bundle, "tools.yaml": TOOLS, "rules.yaml": rules("'true'")})
     messages = [p.message for p in error.problems]
     assert len(messages) == 1 and "default_tier" in messages[0], messages
+
+
+def test_hidden_directories_are_not_policy(tmp_path: Path) -> None:
+    """A bundle that is a git checkout carries .github/ workflows: they must not be read as policy documents."""
+    make_bundle(tmp_path)
+    write_text(tmp_path, ".github/workflows/ci.yml", "name: ci\non: [push]\n")
+    write_text(tmp_path, "rules/.draft/wip.yaml", "apiVersion: pdp/v1\nkind: Nope\n")
+    version = load_bundle(tmp_path).policy_version
+    (tmp_path / ".github" / "workflows" / "ci.yml").write_text("name: changed\n")
+    assert load_bundle(tmp_path).policy_version == version  # not even part of the digest

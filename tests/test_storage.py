@@ -316,3 +316,11 @@ def test_close_finishes_queued_work_then_refuses(writer_engine: Engine, engine: 
 def test_unit_results_can_be_any_value(writer: GroupCommitWriter) -> None:
     future = writer.submit(lambda conn: conn.execute(text("SELECT 41 + 1")).scalar())
     assert future.result(WAIT) == 42
+
+
+@pytest.mark.backend("postgres")
+def test_postgres_statements_time_out(engine: Engine) -> None:
+    """A stalled database must fail a request (closed), not hang the single writer forever."""
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "10s"
+        assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "10s"
