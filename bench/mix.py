@@ -18,7 +18,7 @@ AGENTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "ops": ("bench-ops", "bench-owner", ("ops",)),
 }
 
-T = "https://tickets.internal/api/tickets"
+T = "http://127.0.0.1:8282/api/tickets"
 
 
 @dataclass(frozen=True, slots=True)

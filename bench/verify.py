@@ -41,7 +41,7 @@ def sample_event(i: int) -> Event:
             "action": {
                 "tool": "tickets",
                 "operation": "POST",
-                "resource": f"https://tickets.internal/api/tickets/{i}",
+                "resource": f"http://127.0.0.1:8282/api/tickets/{i}",
                 "params": {"title": "Printer on fire", "priority": "high", "count": i % 50},
                 "estimated_cost_usd": 0.0,
                 "labels": {"team": "support"},

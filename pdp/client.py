@@ -109,3 +109,12 @@ class PdpClient:
             )
         except grpc.RpcError as exc:
             raise _wrap(exc) from None
+
+    def wait(self, proposal_id: str, timeout: float | None = None) -> pdp_pb2.Proposal:
+        """The proposal once it reached a terminal state (SUCCEEDED, FAILED, DENIED, …)."""
+        last = None
+        for message in self.watch(proposal_id, timeout=timeout):
+            last = message
+        if last is None:  # a watch always sends the current state first
+            raise PdpClientError(grpc.StatusCode.INTERNAL, "the watch ended without a message")
+        return last

@@ -44,6 +44,13 @@ SETTINGS = (
         "60",
         "checkpoint at least every T seconds while events arrive",
     ),
+    Setting(
+        "ticket_ttl",
+        "--ticket-ttl",
+        "PDP_TICKET_TTL",
+        "10m",
+        "how long an execution ticket stays valid; the executor refuses it afterwards",
+    ),
 )
 
 
@@ -58,6 +65,7 @@ class Config:
     checkpoint_file: str = ".pdp/checkpoints.jsonl"
     checkpoint_every: str = "1000"
     checkpoint_interval: str = "60"
+    ticket_ttl: str = "10m"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:

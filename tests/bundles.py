@@ -17,7 +17,7 @@ from pdp.policy.loader import load_bundle
 # A Monday, 10:00 UTC: the instant every decision in these tests happens at unless told otherwise.
 NOW = datetime(2026, 1, 5, 10, 0, tzinfo=UTC)
 
-TICKETS = "https://tickets.internal/api/"
+TICKETS = "http://127.0.0.1:8282/api/"
 
 TOOLS: list[dict[str, Any]] = [
     {

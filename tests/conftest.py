@@ -57,8 +57,8 @@ DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 BACKENDS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
 
 # The three calls of the README demo, as the development agent (roles [support]) makes them.
-TICKETS = "https://tickets.internal/api/tickets"
-BULK_CLOSE = "https://tickets.internal/api/tickets/bulk-close"
+TICKETS = "http://127.0.0.1:8282/api/tickets"
+BULK_CLOSE = "http://127.0.0.1:8282/api/tickets/bulk-close"
 ADMIN_MEMBERS = "iam://roles/admin/members"
 
 

@@ -49,7 +49,7 @@ DIALECTS = ("sqlite", "postgresql")
 
 # The example values docs/auditing.md prints in its queries; each is replaced by this test's own.
 DOC_AGENT = "support-bot"
-DOC_PREFIX = "https://tickets.internal/api/"
+DOC_PREFIX = "http://127.0.0.1:8282/api/"
 DOC_FROM, DOC_TO = "2026-11-01T00:00:00", "2026-12-01T00:00:00"
 DOC_POLICY = "sha256:381a9e7022a2934c+git.60de1be6207b"
 DOC_PROPOSAL = "2c523e52-91c0-4b75-a028-d881532765fe"

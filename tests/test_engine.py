@@ -590,11 +590,11 @@ def test_policy_version_is_the_bundles(tmp_path: Path) -> None:
         ("tickets", "DELETE", TICKETS + "t/1", "unknown_operation"),
         ("tickets", "post", TICKETS + "t/1", "unknown_operation"),
         ("tickets", "POST", "https://evil.example/api/t/1", "resource_outside_prefix"),
-        ("tickets", "POST", "https://tickets.internal/api", "resource_outside_prefix"),
+        ("tickets", "POST", "http://127.0.0.1:8282/api", "resource_outside_prefix"),
         ("tickets", "POST", TICKETS, "resource_outside_prefix"),  # the bare prefix is the tool's whole scope
         ("iam", "set", "iam://", "resource_outside_prefix"),
         ("tickets", "POST", "", "resource_outside_prefix"),
-        ("tickets", "POST", "https://tickets.internal/apix/t/1", "resource_outside_prefix"),
+        ("tickets", "POST", "http://127.0.0.1:8282/apix/t/1", "resource_outside_prefix"),
         ("tickets", "POST", "iam://roles/admin", "resource_outside_prefix"),
         ("tickets", "POST", TICKETS + "t/../../admin", "resource_not_canonical"),
         ("tickets", "POST", TICKETS + "../admin", "resource_not_canonical"),
@@ -731,7 +731,7 @@ def test_variables_are_evaluated_per_request(tmp_path: Path) -> None:
 
 CEL_TRUE = [
     # strings
-    ('action.resource.split("/")[2] == "tickets.internal"', {}),
+    ('action.resource.split("/")[2] == "127.0.0.1:8282"', {}),
     ('"ABC".lowerAscii() == "abc"', {}),
     ('"abc".upperAscii() == "ABC"', {}),
     ('"%s-%d".format(["a", 1]) == "a-1"', {}),
@@ -760,7 +760,7 @@ CEL_TRUE = [
     # bindings
     ("cel.bind(x, 2, x * x == 4)", {}),
     # core: regex, macros, params as doubles
-    ('action.resource.matches("^https://tickets\\\\.internal/api/t/[0-9]+$")', {}),
+    ('action.resource.matches("^http://127\\\\.0\\\\.0\\\\.1:8282/api/t/[0-9]+$")', {}),
     ('agent.roles.exists(r, r == "support")', {}),
     ('agent.roles.all(r, r.startsWith("sup"))', {}),
     ('!agent.roles.exists(r, r == "admin")', {}),

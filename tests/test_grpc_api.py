@@ -383,7 +383,7 @@ def test_watch_on_a_terminal_proposal_yields_once_and_ends(server: Server, call:
     ("tool", "operation", "resource", "rule_id"),
     [
         ("shell", "exec", "shell://prod-web-1", "catalog.unknown_tool"),
-        ("tickets", "PUT", "https://tickets.internal/api/tickets/4711", "catalog.unknown_operation"),
+        ("tickets", "PUT", "http://127.0.0.1:8282/api/tickets/4711", "catalog.unknown_operation"),
         ("tickets", "POST", "https://evil.example/api/tickets", "catalog.resource_outside_prefix"),
     ],
     ids=["unknown-tool", "unknown-operation", "outside-prefix"],

@@ -31,7 +31,7 @@ kind: Tools
 tools:
   - name: tickets
     type: http
-    resource_prefix: "https://tickets.internal/api/"
+    resource_prefix: "http://127.0.0.1:8282/api/"
     operations: {GET: read, POST: write}
 """
 
@@ -317,7 +317,7 @@ BAD = [
                   - name: t
                     input:
                       agent: {id: a1}
-                      action: {tool: tickets, operation: POST, resource: "https://tickets.internal/api/1"}
+                      action: {tool: tickets, operation: POST, resource: "http://127.0.0.1:8282/api/1"}
                     expect: {outcome: allow, rules: [r1, r2]}
             """,
         },
@@ -333,7 +333,7 @@ BAD = [
                   - name: t
                     input:
                       agent: {id: a1}
-                      action: {tool: tickets, operation: POST, resource: "https://tickets.internal/api/1"}
+                      action: {tool: tickets, operation: POST, resource: "http://127.0.0.1:8282/api/1"}
                     expect: {outcome: allow, boundary: nowhere}
             """,
         },
@@ -349,7 +349,7 @@ BAD = [
                   - name: t
                     input:
                       agent: {id: a1}
-                      action: {tool: tickets, operation: POST, resource: "https://tickets.internal/api/1"}
+                      action: {tool: tickets, operation: POST, resource: "http://127.0.0.1:8282/api/1"}
                       justification: trust me
                     expect: {outcome: allow}
             """,
@@ -366,7 +366,7 @@ BAD = [
                   - name: t
                     input:
                       agent: {id: a1}
-                      action: {tool: tickets, operation: POST, resource: "https://tickets.internal/api/1"}
+                      action: {tool: tickets, operation: POST, resource: "http://127.0.0.1:8282/api/1"}
                     expect: {outcome: maybe}
             """,
         },
@@ -675,7 +675,7 @@ def test_tests_naming_a_broken_rule_are_not_reported_as_unknown(tmp_path: Path) 
               - name: names the broken rule
                 input:
                   agent: {id: a}
-                  action: {tool: tickets, operation: GET, resource: "https://tickets.internal/api/1"}
+                  action: {tool: tickets, operation: GET, resource: "http://127.0.0.1:8282/api/1"}
                 expect: {outcome: allow, rules: [r1]}
         """,
     }

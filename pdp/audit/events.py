@@ -6,20 +6,48 @@ Event types (``type``), fixed because auditors' queries and the views in migrati
                         (outcome, reasons, boundary, tier, approval requirements), decision_input
                         (agent snapshot, now, environment, usage), initial state, idempotency key
     proposal.cancelled  the agent withdrew a pending proposal
+
+Execution (recorded by the executor; ``data`` always has ``tool``, ``resource`` and ``attempt``):
+
+    execution.started       a worker took the proposal (ticket_id, worker, lease) before calling the target
+    execution.succeeded     the connector returned; ``result`` (credentials scrubbed)
+    execution.failed        the connector failed or timed out; ``error`` (credentials scrubbed)
+    execution.unknown       a worker died mid-call on a tool that is not idempotent: a human must reconcile
+    execution.retrying      a worker died mid-call on an idempotent tool: it runs again after ``backoff_seconds``
+    execution.refused       the ticket did not permit execution (``reason``: ticket.bad_signature, …); nothing ran
+    execution.late_result   a worker finished after its lease lapsed; the result is kept here for reconciliation
+    circuit.opened          a tool's breaker opened after consecutive failures (``until``)
+    circuit.closed          a trial execution succeeded and closed the breaker
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from pdp.audit.chain import Event
 from pdp.store.proposals import ProposalRecord
+
+if TYPE_CHECKING:
+    from pdp.execution.tickets import SignedTicket
 
 DECIDED = "proposal.decided"
 CANCELLED = "proposal.cancelled"
 
 
-def proposal_decided(record: ProposalRecord) -> Event:
+def proposal_decided(record: ProposalRecord, ticket: SignedTicket | None = None) -> Event:
+    data = {
+        "action": record.action,
+        "action_digest": record.action_digest,
+        "justification": record.justification,
+        "decision": record.decision.to_dict(),
+        "decision_input": record.decision_input,
+        "state": record.state.value,
+        "session_id": record.session_id,
+        "idempotency_key": record.idempotency_key,
+    }
+    if ticket is not None:
+        data["ticket"] = ticket.audit()
     return Event(
         type=DECIDED,
         actor=f"agent:{record.agent_id}",
@@ -27,16 +55,7 @@ def proposal_decided(record: ProposalRecord) -> Event:
         proposal_id=record.id,
         agent_id=record.agent_id,
         policy_version=record.decision.policy_version,
-        data={
-            "action": record.action,
-            "action_digest": record.action_digest,
-            "justification": record.justification,
-            "decision": record.decision.to_dict(),
-            "decision_input": record.decision_input,
-            "state": record.state.value,
-            "session_id": record.session_id,
-            "idempotency_key": record.idempotency_key,
-        },
+        data=data,
     )
 
 

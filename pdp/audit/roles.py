@@ -35,6 +35,10 @@ def create_roles(engine: Engine, writer: str, auditor: str) -> None:
         f"GRANT SELECT ON agents, alembic_version TO {writer}",
         f"GRANT SELECT, INSERT, UPDATE ON proposals TO {writer}",
         f"GRANT SELECT, INSERT ON {audit} TO {writer}",
+        # Execution state, shared by the PDP (issues tickets, reads results and breakers) and the
+        # executor, which connects as a member of the same role. Tickets are never changed.
+        f"GRANT SELECT, INSERT ON execution_tickets TO {writer}",
+        f"GRANT SELECT, INSERT, UPDATE ON executions, circuit_breakers TO {writer}",
         # Auditors: the audit log and its views, nothing else, read-only.
         f"GRANT SELECT ON {audit}, {', '.join(AUDIT_VIEWS)} TO {auditor}",
     ]

@@ -28,6 +28,12 @@ def register(commands: Any) -> None:
     parser.add_argument("--idempotency-key", default="")
     parser.add_argument("--session-id", default="")
     parser.add_argument("--dry-run", action="store_true", help="Evaluate only: nothing is recorded")
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the final state and print the execution result; exit 0 only if the action succeeded",
+    )
+    parser.add_argument("--wait-timeout", type=float, default=None, help="seconds to wait at most (default: no limit)")
     _connection_flags(parser)
     parser.set_defaults(handler=run_propose)
 
@@ -81,6 +87,12 @@ def run_propose(args: argparse.Namespace) -> int:
                 return 0
             kw.update(idempotency_key=args.idempotency_key, session_id=args.session_id)
             response = client.propose(args.tool, args.operation, args.resource, args.justification, **kw)
+            if args.wait:
+                print(f"proposal:       {response.proposal_id} ({pdp_pb2.ProposalState.Name(response.state)})")
+                print("waiting for the final state…", flush=True)
+                final = client.wait(response.proposal_id, timeout=args.wait_timeout)
+                print_proposal(final)
+                return 0 if final.state == pdp_pb2.SUCCEEDED else 3
         except PdpClientError as exc:
             print(f"pdp propose: {exc}", file=sys.stderr)
             return 1

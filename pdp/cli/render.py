@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
+from google.protobuf.json_format import MessageToDict
+
 from pdp.v1 import pdp_pb2
 
 
@@ -26,3 +30,19 @@ def print_proposal(proposal: pdp_pb2.Proposal) -> None:
     action = proposal.action
     print(f"action:         {action.tool} {action.operation} {action.resource}")
     print_decision(proposal.decision)
+    if proposal.HasField("execution"):
+        print_execution(proposal.execution)
+
+
+def print_execution(execution: pdp_pb2.Execution) -> None:
+    print(f"execution:      {execution.status}")
+    if execution.HasField("started_at"):
+        print(f"started_at:     {execution.started_at.ToDatetime().isoformat()}Z")
+    if execution.HasField("finished_at"):
+        print(f"finished_at:    {execution.finished_at.ToDatetime().isoformat()}Z")
+    if execution.error:
+        print(f"error:          {execution.error}")
+    if execution.HasField("result"):
+        print("result:")
+        text = json.dumps(MessageToDict(execution.result), indent=2, ensure_ascii=False)
+        print("\n".join("  " + line for line in text.splitlines()))

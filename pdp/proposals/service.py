@@ -9,18 +9,21 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Connection, Engine
 
 from pdp.audit import chain, events
 from pdp.canonical import digest, timestamp
+from pdp.execution import tickets
+from pdp.execution.circuits import CircuitBoard, deny_if_open
 from pdp.identity.agents import Caller, TokenCache, authenticate, require_active
 from pdp.policy.bundle import PolicyBundle
 from pdp.policy.decision import Decision
 from pdp.policy.engine import AgentIdentity, DecisionInput, decide
-from pdp.proposals.states import INITIAL_STATE
+from pdp.proposals.states import INITIAL_STATE, ProposalState
 from pdp.proposals.validation import ProposalInput
 from pdp.store import proposals as store
 from pdp.store.proposals import ProposalRecord, Recorded
@@ -40,12 +43,19 @@ class ProposalService:
         writer: GroupCommitWriter,
         bundle: PolicyBundle,
         environment: str,
+        signing_key: Ed25519PrivateKey,
+        *,
+        ticket_ttl: timedelta = tickets.DEFAULT_TTL,
+        circuits: CircuitBoard | None = None,
         clock: Clock = utc_now,
     ) -> None:
         self._engine = engine
         self._writer = writer
         self._bundle = bundle
         self._environment = environment
+        self._key = signing_key
+        self._ticket_ttl = ticket_ttl
+        self._circuits = circuits
         self._clock = clock
         self._tokens = TokenCache()
 
@@ -66,9 +76,16 @@ class ProposalService:
         with self._engine.connect() as conn:
             require_active(conn, caller)
 
+    def _decide(self, request: DecisionInput) -> Decision:
+        decision = decide(self._bundle, request)
+        if self._circuits is not None:
+            tool = request.action.tool
+            decision = deny_if_open(decision, tool, self._circuits.opened_until(tool), request.now)
+        return decision
+
     def evaluate(self, caller: Caller, proposal: ProposalInput) -> Decision:
         """Dry run: the same decision, nothing recorded (the caller must have been checked active)."""
-        return decide(self._bundle, self._decision_input(caller.agent, proposal, self._clock()))
+        return self._decide(self._decision_input(caller.agent, proposal, self._clock()))
 
     def propose(self, caller: Caller, proposal: ProposalInput) -> Future[Recorded]:
         """Decide now; the future resolves once the proposal and its decision are durable.
@@ -78,7 +95,7 @@ class ProposalService:
         agent = caller.agent
         now = self._clock()
         request = self._decision_input(agent, proposal, now)
-        decision = decide(self._bundle, request)
+        decision = self._decide(request)
         action = proposal.action_document()
         record = ProposalRecord(
             id=str(uuid.uuid4()),
@@ -94,12 +111,26 @@ class ProposalService:
             created_at=now,
             updated_at=now,
         )
+        ticket = None
+        if record.state is ProposalState.APPROVED:  # signed here: the writer thread is the bottleneck
+            ticket = tickets.issue(
+                self._key,
+                proposal_id=record.id,
+                action_digest=record.action_digest,
+                outcome=decision.outcome.value,
+                approvals=[],
+                policy_version=decision.policy_version,
+                issued_at=now,
+                ttl=self._ticket_ttl,
+            )
 
         def unit(conn: Connection) -> Recorded:
             require_active(conn, caller)
             recorded = store.record_proposal(conn, record)
             if not recorded.replayed:  # no decision without its audit event, in the same transaction
-                chain.append(conn, events.proposal_decided(record))
+                if ticket is not None:
+                    store.insert_ticket(conn, ticket)
+                chain.append(conn, events.proposal_decided(record, ticket))
             return recorded
 
         return self._writer.submit(unit)

@@ -17,6 +17,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from pdp.audit.checkpointer import Checkpointer
 from pdp.audit.keys import KeyFileError, load_private
 from pdp.config import Config
+from pdp.execution.circuits import CircuitBoard
+from pdp.policy.duration import parse_duration
 from pdp.policy.loader import BundleError, load_bundle
 from pdp.proposals.service import ProposalService, utc_now
 from pdp.server.grpc_api import SERVICE_NAME, PolicyDecisionPointService, generic_handler
@@ -42,6 +44,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     policy_version: str
     checkpointer: Checkpointer
+    circuits: CircuitBoard
 
     async def stop(self, grace: float = 5.0) -> None:
         """NOT_SERVING, end watch streams, let in-flight calls finish, sign the head, commit queued writes."""
@@ -49,6 +52,7 @@ class RunningServer:
         self.api.stopping.set()
         await self.server.stop(grace)
         await self.checkpointer.stop()
+        self.circuits.stop()
         self.writer.close()
         self.pool.shutdown(wait=True)
 
@@ -76,6 +80,10 @@ async def start(config: Config) -> RunningServer:
         raise StartupError(str(exc)) from exc
     except ValueError as exc:
         raise StartupError(f"checkpoint settings must be numbers: {exc}") from exc
+    try:
+        ticket_ttl = parse_duration(config.ticket_ttl)
+    except ValueError as exc:
+        raise StartupError(f"ticket_ttl: {exc}") from exc
     reader = create_db_engine(config.database_url, pool_size=WORKER_THREADS)
     try:
         current = is_current(reader)
@@ -100,7 +108,10 @@ async def start(config: Config) -> RunningServer:
         raise
     writer = GroupCommitWriter(create_db_engine(config.database_url, writer=True, pool_size=1))
     pool = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="pdp-io")
-    api = PolicyDecisionPointService(ProposalService(reader, writer, bundle, config.environment), pool)
+    circuits = CircuitBoard(reader)
+    circuits.start()
+    service = ProposalService(reader, writer, bundle, config.environment, key, ticket_ttl=ticket_ttl, circuits=circuits)
+    api = PolicyDecisionPointService(service, pool)
     server.add_generic_rpc_handlers((generic_handler(api),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -115,7 +126,9 @@ async def start(config: Config) -> RunningServer:
     checkpointer.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, api, writer, pool, health_servicer, bundle.policy_version, checkpointer)
+    return RunningServer(
+        server, port, api, writer, pool, health_servicer, bundle.policy_version, checkpointer, circuits
+    )
 
 
 async def serve(config: Config) -> None:

@@ -9,7 +9,7 @@ from google.protobuf import timestamp_pb2
 
 from pdp.policy.decision import Decision, Outcome
 from pdp.proposals.states import ProposalState
-from pdp.store.proposals import ProposalRecord
+from pdp.store.proposals import ExecutionRecord, ProposalRecord
 from pdp.v1 import pdp_pb2
 
 OUTCOMES = {
@@ -57,8 +57,19 @@ def action_message(action: dict[str, Any]) -> pdp_pb2.Action:
     return message
 
 
+def execution_message(execution: ExecutionRecord) -> pdp_pb2.Execution:
+    message = pdp_pb2.Execution(
+        status=execution.status, error=execution.error, started_at=timestamp(execution.started_at)
+    )
+    if execution.result is not None:
+        message.result.update(execution.result)
+    if execution.finished_at is not None:
+        message.finished_at.CopyFrom(timestamp(execution.finished_at))
+    return message
+
+
 def proposal_message(record: ProposalRecord) -> pdp_pb2.Proposal:
-    return pdp_pb2.Proposal(
+    message = pdp_pb2.Proposal(
         proposal_id=record.id,
         agent_id=record.agent_id,
         action=action_message(record.action),
@@ -70,3 +81,6 @@ def proposal_message(record: ProposalRecord) -> pdp_pb2.Proposal:
         session_id=record.session_id,
         idempotency_key=record.idempotency_key,
     )
+    if record.execution is not None:
+        message.execution.CopyFrom(execution_message(record.execution))
+    return message

@@ -11,6 +11,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Index,
+    Integer,
     MetaData,
     String,
     Table,
@@ -152,7 +153,61 @@ class AuditCheckpoint(Base):
     signature: Mapped[str] = mapped_column(String(128))
 
 
+class ExecutionTicket(Base):
+    """The PDP's signed permission to execute one proposal's exact action (see pdp/execution/tickets.py).
+
+    The executor trusts the signature, not this row: editing it, or forging one, makes nothing run.
+    """
+
+    __tablename__ = "execution_tickets"
+
+    proposal_id: Mapped[str] = mapped_column(String(36), ForeignKey("proposals.id"), primary_key=True)
+    ticket_id: Mapped[str] = mapped_column(String(36))
+    # The exact canonical JSON bytes that were signed.
+    payload: Mapped[str] = mapped_column(Text)
+    signature: Mapped[str] = mapped_column(String(128))
+    key_id: Mapped[str] = mapped_column(String(32))
+    expires_at: Mapped[datetime]
+
+
+class Execution(Base):
+    """One proposal's execution: who holds it (worker, lease), which attempt, and how it ended."""
+
+    __tablename__ = "executions"
+    __table_args__ = (Index("ix_executions_lease_expires_at", "lease_expires_at"),)
+
+    proposal_id: Mapped[str] = mapped_column(String(36), ForeignKey("proposals.id"), primary_key=True)
+    tool: Mapped[str] = mapped_column(String(200))
+    attempt: Mapped[int] = mapped_column(Integer)
+    # RUNNING | SUCCEEDED | FAILED | UNKNOWN
+    status: Mapped[str] = mapped_column(String(16))
+    worker: Mapped[str | None] = mapped_column(String(200))
+    # A running execution whose lease lapsed was abandoned by a crashed worker.
+    lease_expires_at: Mapped[datetime | None]
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    result: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class CircuitBreaker(Base):
+    """Per-tool breaker shared by every executor and PDP replica (DESIGN §6)."""
+
+    __tablename__ = "circuit_breakers"
+
+    tool: Mapped[str] = mapped_column(String(200), primary_key=True)
+    consecutive_failures: Mapped[int] = mapped_column(Integer)
+    # Set while open; the PDP denies the tool until then. Past it, the breaker is half-open.
+    opened_until: Mapped[datetime | None]
+    # The one execution allowed through while half-open.
+    trial_proposal_id: Mapped[str | None] = mapped_column(String(36))
+    updated_at: Mapped[datetime]
+
+
 agents = cast(Table, Agent.__table__)
 proposals = cast(Table, Proposal.__table__)
 audit_events = cast(Table, AuditEvent.__table__)
 audit_checkpoints = cast(Table, AuditCheckpoint.__table__)
+execution_tickets = cast(Table, ExecutionTicket.__table__)
+executions = cast(Table, Execution.__table__)
+circuit_breakers = cast(Table, CircuitBreaker.__table__)

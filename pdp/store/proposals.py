@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, RowMapping, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -12,7 +12,22 @@ from sqlalchemy.dialects import postgresql, sqlite
 from pdp.errors import AlreadyExists, FailedPrecondition, NotFound
 from pdp.policy.decision import Decision
 from pdp.proposals.states import ProposalState
-from pdp.store.models import proposals
+from pdp.store.models import execution_tickets, executions, proposals
+
+if TYPE_CHECKING:
+    from pdp.execution.tickets import SignedTicket
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionRecord:
+    """What the agent sees of an execution: status, result or error, and when."""
+
+    status: str  # RUNNING | SUCCEEDED | FAILED | UNKNOWN
+    attempt: int
+    result: dict[str, Any] | None
+    error: str
+    started_at: datetime
+    finished_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +44,7 @@ class ProposalRecord:
     decision_input: dict[str, Any]
     created_at: datetime
     updated_at: datetime
+    execution: ExecutionRecord | None = None
 
     def row(self) -> dict[str, Any]:
         return {
@@ -67,7 +83,33 @@ class ProposalRecord:
             decision_input=row["decision_input"],
             created_at=row["created_at"],
             updated_at=row["updated_at"],
+            execution=_execution(row),
         )
+
+
+def _execution(row: RowMapping) -> ExecutionRecord | None:
+    if row.get("execution_status") is None:
+        return None
+    return ExecutionRecord(
+        status=row["execution_status"],
+        attempt=row["execution_attempt"],
+        result=row["execution_result"],
+        error=row["execution_error"] or "",
+        started_at=row["execution_started_at"],
+        finished_at=row["execution_finished_at"],
+    )
+
+
+# A proposal with its execution, if any: one round trip for GetProposal and every watch poll.
+_WITH_EXECUTION = select(
+    proposals,
+    executions.c.status.label("execution_status"),
+    executions.c.attempt.label("execution_attempt"),
+    executions.c.result.label("execution_result"),
+    executions.c.error.label("execution_error"),
+    executions.c.started_at.label("execution_started_at"),
+    executions.c.finished_at.label("execution_finished_at"),
+).select_from(proposals.outerjoin(executions, executions.c.proposal_id == proposals.c.id))
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,13 +162,20 @@ def record_proposal(conn: Connection, record: ProposalRecord) -> Recorded:
 def get_proposal(conn: Connection, proposal_id: str, agent_id: str) -> ProposalRecord:
     """One of the agent's proposals; another agent's id is indistinguishable from an unknown one."""
     row = (
-        conn.execute(select(proposals).where(proposals.c.id == proposal_id, proposals.c.agent_id == agent_id))
+        conn.execute(_WITH_EXECUTION.where(proposals.c.id == proposal_id, proposals.c.agent_id == agent_id))
         .mappings()
         .first()
     )
     if row is None:
         raise NotFound(f"proposal {proposal_id!r} not found")
     return ProposalRecord.from_row(row)
+
+
+_INSERT_TICKET = execution_tickets.insert()
+
+
+def insert_ticket(conn: Connection, ticket: SignedTicket) -> None:
+    conn.execute(_INSERT_TICKET, ticket.row())
 
 
 def cancel_proposal(conn: Connection, proposal_id: str, agent_id: str, now: datetime) -> ProposalRecord:

@@ -1,0 +1,133 @@
+"""The executor's own config file (YAML), with flags and environment variables for the shared settings.
+
+Precedence: flag > environment variable > file > default. Credentials appear in the file only as
+references (``{env: NAME}`` or ``{file: PATH}``) inside each tool's connector section; relative
+paths are read from the working directory, as for ``pdp serve``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pdp.policy.duration import parse_duration
+
+# Settings the executor shares with `pdp serve`: same variables, so one environment configures both.
+OVERRIDES = {
+    "database_url": ("--database-url", "PDP_DATABASE_URL"),
+    "policy_dir": ("--policy-dir", "PDP_POLICY_DIR"),
+    "public_key": ("--public-key", "PDP_PUBLIC_KEY"),
+}
+
+
+class ConfigError(Exception):
+    """The config cannot be used; the message names the file and the key."""
+
+
+def _duration(value: str) -> str:
+    parse_duration(value)
+    return value
+
+
+class BreakerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    failures: int = Field(default=5, ge=1, le=1000)  # consecutive execution failures that open it
+    cooldown: str = "30s"  # how long it stays open before one trial
+
+    @field_validator("cooldown")
+    @classmethod
+    def _cooldown(cls, value: str) -> str:
+        return _duration(value)
+
+
+class FileConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    database_url: str = "sqlite:///pdp.db"
+    public_key: str = ".pdp/signing.key.pub"
+    policy_dir: str = "policies"
+    worker_id: str | None = Field(default=None, min_length=1, max_length=100)
+    concurrency: int = Field(default=8, ge=1, le=256)
+    poll_interval: str = "50ms"
+    lease: str = "30s"
+    max_attempts: int = Field(default=3, ge=1, le=20)  # idempotent tools: runs in all, after crashes
+    retry_backoff: str = "1s"  # before the 2nd run; doubles for each later one
+    breaker: BreakerSettings = BreakerSettings()
+    breakers: dict[str, BreakerSettings] = {}  # per-tool overrides of `breaker`
+    tools: dict[str, dict[str, Any]] = {}  # tool name -> its connector's section
+
+    @field_validator("poll_interval", "lease", "retry_backoff")
+    @classmethod
+    def _durations(cls, value: str) -> str:
+        return _duration(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str
+    public_key: Path
+    policy_dir: Path
+    worker_id: str | None
+    concurrency: int
+    poll_interval: timedelta
+    lease: timedelta
+    max_attempts: int
+    retry_backoff: timedelta
+    breaker: BreakerSettings
+    breakers: Mapping[str, BreakerSettings]
+    tools: Mapping[str, Mapping[str, Any]]
+
+    def breaker_for(self, tool: str) -> BreakerSettings:
+        return self.breakers.get(tool, self.breaker)
+
+
+def load(
+    path: Path | None, flags: Mapping[str, str | None] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Read the config file (optional) and apply environment variables and flags over it."""
+    environ = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        raw = dict(loaded or {})
+    for name, (_flag, variable) in OVERRIDES.items():
+        value = (flags or {}).get(name) or environ.get(variable)
+        if value:
+            raw[name] = value
+    try:
+        parsed = FileConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{path or 'executor config'}: {problems}") from None
+    for tool, section in parsed.tools.items():
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: tools.{tool} must be a mapping")
+    return Settings(
+        database_url=parsed.database_url,
+        public_key=Path(parsed.public_key),
+        policy_dir=Path(parsed.policy_dir),
+        worker_id=parsed.worker_id,
+        concurrency=parsed.concurrency,
+        poll_interval=parse_duration(parsed.poll_interval),
+        lease=parse_duration(parsed.lease),
+        max_attempts=parsed.max_attempts,
+        retry_backoff=parse_duration(parsed.retry_backoff),
+        breaker=parsed.breaker,
+        breakers=parsed.breakers,
+        tools=parsed.tools,
+    )

@@ -1,0 +1,67 @@
+"""What every connector is: built once per tool from its config section, then called once per action.
+
+A connector derives its target only from ``Call.resource`` (the resource the policy saw), never
+from free-form params. It returns a JSON-serialisable result or raises :class:`ConnectorError`.
+The executor scrubs credentials from both before anything is stored, so connectors need not, but
+they must never put a credential in a result on purpose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from executor.secrets import Secret
+from pdp.policy.catalog import Tool
+
+
+class ConnectorError(Exception):
+    """The action failed; ``message`` is what the agent and the audit log see (after redaction)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConnectorTimeout(ConnectorError):
+    """The target did not answer within the tool's time limit."""
+
+
+class ConnectorConfigError(Exception):
+    """A tool's connector section is invalid; raised at executor startup, never per call."""
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    proposal_id: str  # stable across retries: connectors send it as an idempotency key where they can
+    tool: Tool
+    operation: str
+    resource: str
+    params: Mapping[str, Any]
+
+
+class Connector(Protocol):
+    def execute(self, call: Call) -> dict[str, Any]:
+        """Carry out ``call`` within the tool's time limit; a JSON-serialisable result."""
+        ...
+
+    def secrets(self) -> list[Secret]:
+        """Every credential this connector holds, so the executor can scrub them from anything stored."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorContext:
+    """What a connector factory gets besides its own section: resolves credential references."""
+
+    tool: Tool
+    base_dir: Path  # relative credential files are read from here (the working directory)
+    environ: Mapping[str, str]
+
+
+# An entry point in the ``pdp.connectors`` group names a callable with this signature (usually the class).
+ConnectorFactory = Callable[[Mapping[str, Any], ConnectorContext], Connector]

@@ -1,0 +1,258 @@
+"""The ``http`` connector: one request to exactly the URL the policy saw, with credentials injected as headers.
+
+Config section (one per tool in the executor's config)::
+
+    tickets:
+      timeout: 10s                  # whole call, connect to last body byte (default 10s)
+      max_response_bytes: 1048576   # body read stops here; the result says truncated (default 1 MiB)
+      response_headers: [content-type, location, etag, retry-after]   # only these are returned (the default)
+      headers:                      # sent on every request; values are always references, never inline
+        Authorization: {env: TICKETS_TOKEN, template: "Bearer {}"}    # template optional, "{}" once
+        X-Api-Key: {file: .pdp/demo/key}
+      verify_tls: true              # default true
+
+The request:
+
+- URL: ``call.resource``, verbatim. It must pass the catalog's own checks again (inside the tool's prefix,
+  no dot segments or other ambiguity) and be http or https; nothing from ``params`` is ever added to it.
+- Method: ``call.operation`` upper-cased, one of GET, HEAD, POST, PUT, PATCH, DELETE.
+- Body: ``call.params`` as JSON for POST, PUT and PATCH. For GET, HEAD and DELETE the params are ignored
+  (no body, no query string): the resource already says exactly what is touched.
+- ``Idempotency-Key: <proposal id>`` on every request, so a retried idempotent action is recognisable.
+- Redirects are never followed (one could leave the prefix); a 3xx is returned as the result.
+- Environment proxies and ``.netrc`` are ignored: the executor's config is the only source of credentials.
+
+The result is ``{"status", "headers", "body", "truncated"}``; the body is parsed JSON when the response
+says JSON and arrived whole, else text. A status of 400 or more raises :class:`ConnectorError`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from executor.connectors.base import Call, ConnectorConfigError, ConnectorContext, ConnectorError, ConnectorTimeout
+from executor.secrets import Secret, SecretError, SecretRef
+from pdp.policy.catalog import CatalogViolation, resolve
+from pdp.policy.duration import parse_duration
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+DEFAULT_RESPONSE_HEADERS = ("content-type", "location", "etag", "retry-after")
+ERROR_BODY_CHARS = 500
+
+# RFC 9110 token characters.
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# Headers the connector or the HTTP layer own; a configured value would silently fight them.
+_RESERVED_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "content-type", "idempotency-key"}
+)
+
+
+class HeaderCredential(SecretRef):
+    """A credential reference plus how it is written into its header (``template``, "{}" marks the value)."""
+
+    template: str = "{}"
+
+    @field_validator("template")
+    @classmethod
+    def _one_placeholder(cls, template: str) -> str:
+        if template.count("{}") != 1:
+            raise ValueError('template must contain "{}" exactly once (where the credential goes)')
+        if "\r" in template or "\n" in template:
+            raise ValueError("template must not contain line breaks")
+        return template
+
+
+class HttpSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    timeout: str = "10s"
+    max_response_bytes: int = Field(default=1024 * 1024, gt=0)
+    response_headers: tuple[str, ...] = DEFAULT_RESPONSE_HEADERS
+    headers: dict[str, HeaderCredential] = Field(default_factory=dict)
+    verify_tls: bool = True
+
+    @field_validator("timeout")
+    @classmethod
+    def _duration(cls, text: str) -> str:
+        parse_duration(text)
+        return text
+
+    @field_validator("response_headers", mode="before")
+    @classmethod
+    def _list(cls, value: Any) -> Any:
+        # YAML gives a list; strict mode would only take a tuple.
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("response_headers")
+    @classmethod
+    def _lowercase(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a header name")
+        return tuple(name.lower() for name in names)
+
+    @field_validator("headers", mode="before")
+    @classmethod
+    def _referenced(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            for name, item in value.items():
+                if not isinstance(item, Mapping):
+                    raise ValueError(
+                        f"header {name}: credentials are referenced, never inline: use {{env: NAME}} or {{file: PATH}}"
+                    )
+                if not isinstance(name, str) or not _HEADER_NAME.match(name):
+                    raise ValueError(f"{name!r} is not a header name")
+                if name.lower() in _RESERVED_HEADERS:
+                    raise ValueError(f"header {name} is set by the connector and cannot be configured")
+        return value
+
+
+def config_error(tool: str, exc: ValidationError) -> ConnectorConfigError:
+    """Every problem in a section, by key, without the offending input (it may be a credential)."""
+    problems = []
+    for error in exc.errors(include_input=False, include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "(section)"
+        problems.append(f"{where}: {error['msg']}")
+    return ConnectorConfigError(f"tool {tool}: " + "; ".join(problems))
+
+
+def is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+class HttpConnector:
+    """Thread-safe: the state is fixed after construction and ``httpx.Client`` may be shared by threads."""
+
+    def __init__(self, section: Mapping[str, Any], context: ConnectorContext) -> None:
+        self._tool = context.tool.name
+        try:
+            config = HttpSection.model_validate(dict(section))
+        except ValidationError as exc:
+            raise config_error(self._tool, exc) from None
+        self._timeout_text = config.timeout
+        self._timeout = parse_duration(config.timeout).total_seconds()
+        self._max_bytes = config.max_response_bytes
+        self._response_headers = config.response_headers
+        self._headers: dict[str, Secret] = {}
+        self._secrets: list[Secret] = []
+        for name, ref in config.headers.items():
+            try:
+                raw = ref.resolve(context.base_dir, context.environ)
+            except SecretError as exc:
+                raise ConnectorConfigError(f"tool {self._tool}: headers.{name}: {exc}") from None
+            if any(c in raw.reveal() for c in "\r\n\x00"):
+                raise ConnectorConfigError(f"tool {self._tool}: headers.{name}: the credential contains a line break")
+            full = Secret(ref.template.replace("{}", raw.reveal()))
+            self._headers[name] = full
+            self._secrets.extend(s for s in (raw, full) if s not in self._secrets)
+        self._client = httpx.Client(
+            verify=config.verify_tls,
+            follow_redirects=False,
+            trust_env=False,
+            timeout=httpx.Timeout(self._timeout),
+        )
+
+    def __repr__(self) -> str:
+        return f"HttpConnector(tool={self._tool!r}, headers={sorted(self._headers)!r})"
+
+    def secrets(self) -> list[Secret]:
+        return list(self._secrets)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def execute(self, call: Call) -> dict[str, Any]:
+        url, method = self._target(call)
+        deadline = time.monotonic() + self._timeout
+        headers = {name: secret.reveal() for name, secret in self._headers.items()}
+        headers["Idempotency-Key"] = call.proposal_id
+        content: bytes | None = None
+        if method in BODY_METHODS:
+            try:
+                content = json.dumps(dict(call.params), ensure_ascii=False, allow_nan=False).encode("utf-8")
+            except (TypeError, ValueError) as exc:
+                raise ConnectorError(f"{self._tool}: params are not JSON: {exc}") from None
+            headers["Content-Type"] = "application/json"
+        try:
+            with self._client.stream(method, url, headers=headers, content=content) as response:
+                body, truncated = self._read(response, deadline)
+        except httpx.TimeoutException:
+            raise ConnectorTimeout(f"{self._tool}: no response within {self._timeout_text}") from None
+        except httpx.HTTPError as exc:
+            # The exception's own text can quote the URL or request; its class and the host say enough.
+            raise ConnectorError(f"{self._tool}: {exc.__class__.__name__} talking to {url.host}") from None
+        content_type = response.headers.get("content-type", "")
+        text = body.decode("utf-8", errors="replace")
+        if response.status_code >= 400:
+            snippet = text[:ERROR_BODY_CHARS]
+            raise ConnectorError(
+                f"HTTP {response.status_code}: {snippet}" if snippet else f"HTTP {response.status_code}"
+            )
+        parsed: Any = text
+        if not truncated and body and is_json(content_type):
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                parsed = text
+        return {
+            "status": response.status_code,
+            "headers": {name: response.headers[name] for name in self._response_headers if name in response.headers},
+            "body": parsed,
+            "truncated": truncated,
+        }
+
+    def _target(self, call: Call) -> tuple[httpx.URL, str]:
+        """The URL and method, refused unless they are exactly what the catalog allowed."""
+        checked = resolve({call.tool.name: call.tool}, call.tool.name, call.operation, call.resource)
+        if isinstance(checked, CatalogViolation):
+            raise ConnectorError(f"{self._tool}: {checked.message}")
+        method = call.operation.upper()
+        if method not in METHODS:
+            raise ConnectorError(
+                f"{self._tool}: operation {call.operation!r} is not an HTTP method this connector sends"
+            )
+        try:
+            url = httpx.URL(call.resource)
+        except httpx.InvalidURL:
+            raise ConnectorError(f"{self._tool}: resource {call.resource!r} is not a valid URL") from None
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ConnectorError(f"{self._tool}: resource {call.resource!r} is not an http(s) URL")
+        # A prefix without a trailing slash ("http://api.example") would also admit "http://api.example.evil";
+        # the parsed origin must be the prefix's own.
+        try:
+            prefix = httpx.URL(call.tool.resource_prefix)
+        except httpx.InvalidURL:
+            prefix = None
+        if (
+            prefix is not None
+            and prefix.host
+            and (url.scheme, url.host, url.port) != (prefix.scheme, prefix.host, prefix.port)
+        ):
+            raise ConnectorError(f"{self._tool}: resource {call.resource!r} is not on the host of the tool's prefix")
+        return url, method
+
+    def _read(self, response: httpx.Response, deadline: float) -> tuple[bytes, bool]:
+        """At most ``max_response_bytes`` of the body, and whether there was more; gives up at the deadline."""
+        if time.monotonic() > deadline:
+            raise httpx.ReadTimeout("deadline passed")
+        chunks: list[bytes] = []
+        size = 0
+        # No chunk size: httpx would buffer up to it, and the deadline is checked only between chunks.
+        for chunk in response.iter_bytes():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > self._max_bytes:
+                return b"".join(chunks)[: self._max_bytes], True
+            # A server trickling bytes would reset the per-read timeout forever; the deadline is per call.
+            if time.monotonic() > deadline:
+                raise httpx.ReadTimeout("deadline passed")
+        return b"".join(chunks), False

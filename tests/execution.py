@@ -1,0 +1,274 @@
+"""Helpers for execution tests: a real target HTTP server, a bundle pointing at it, and executors.
+
+The target records every request it receives, so tests count exactly what reached it. Paths choose
+its behaviour: ``/api/items`` answers 201 with JSON, ``/api/echo`` echoes the request headers back,
+``/api/fail`` fails with a 500 that quotes the Authorization header, ``/api/slow`` and ``/api/kv/…``
+wait ``slow_seconds`` first (``/api/kv/`` is the idempotent tool and dedupes on Idempotency-Key).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from executor.config import load
+from executor.main import build
+from executor.worker import Executor
+from pdp.audit.keys import public_path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Target:
+    """A real HTTP API on a free port; ``token`` is what it expects as a bearer token."""
+
+    token: str = field(default_factory=lambda: "tok-" + secrets.token_urlsafe(24))
+    slow_seconds: float = 0.0
+    fail_status: int = 500
+    seen: list[Seen] = field(default_factory=list)
+    effects: dict[str, int] = field(default_factory=dict)  # idempotency key -> times the effect was applied
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> None:
+        target = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else b""
+                with target._lock:
+                    target.seen.append(Seen(self.command, self.path, dict(self.headers.items()), body))
+                if self.path.startswith(("/api/slow", "/api/kv/")):
+                    time.sleep(target.slow_seconds)
+                if self.headers.get("authorization") != f"Bearer {target.token}":
+                    return self._send(401, {"error": "bad token"})
+                if self.path.startswith("/api/fail"):
+                    auth = self.headers.get("authorization")
+                    return self._send(target.fail_status, {"error": f"upstream broke while handling {auth}"})
+                if self.path.startswith("/api/echo"):
+                    return self._send(200, {"headers": dict(self.headers.items())})
+                if self.path.startswith("/api/kv/"):
+                    # Like a real idempotent API: a repeated key is acknowledged, not applied again.
+                    key = self.headers.get("idempotency-key", "")
+                    with target._lock:
+                        target.effects[key] = target.effects.get(key, 0) or 1
+                return self._send(201, {"id": len(target.seen), "path": self.path, "received": body.decode()})
+
+            def _send(self, status: int, payload: dict[str, Any]) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("x-upstream-token", target.token)  # must never be returned
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the caller timed out
+                    self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle  # noqa: N815 — http.server names them
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/api/"
+
+    def count(self, path_prefix: str = "/api/") -> int:
+        with self._lock:
+            return sum(1 for s in self.seen if s.path.startswith(path_prefix))
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@contextmanager
+def target_server() -> Iterator[Target]:
+    target = Target()
+    target.start()
+    try:
+        yield target
+    finally:
+        target.stop()
+
+
+def write_bundle(directory: Path, target_url: str) -> Path:
+    """Tools `web` (http), `kv` (idempotent http) and `crm` (sql); support agents may do anything."""
+    directory.mkdir(parents=True, exist_ok=True)
+    documents = [
+        {
+            "apiVersion": "pdp/v1",
+            "kind": "Bundle",
+            "name": "execution-tests",
+            "default_tier": "ai_writable",
+            "default_effect": "deny",
+            "default_approval": {"groups": ["ops"], "min_approvals": 1, "expires_in": "1h"},
+        },
+        {
+            "apiVersion": "pdp/v1",
+            "kind": "Tools",
+            "tools": [
+                {
+                    "name": "web",
+                    "type": "http",
+                    "resource_prefix": target_url,
+                    "operations": {"GET": "read", "POST": "write", "PATCH": "write"},
+                },
+                {
+                    "name": "kv",
+                    "type": "http",
+                    "resource_prefix": target_url + "kv/",
+                    "operations": {"GET": "read", "PUT": "write"},
+                    "idempotent": True,
+                },
+                {
+                    "name": "crm",
+                    "type": "sql",
+                    "resource_prefix": "sql://crm/",
+                    "operations": {"select": "read", "insert": "write", "update": "write", "delete": "write"},
+                },
+            ],
+        },
+        {
+            "apiVersion": "pdp/v1",
+            "kind": "Rules",
+            "rules": [
+                {"id": "support-may", "effect": "allow", "when": '"support" in agent.roles'},
+                {
+                    "id": "big-needs-approval",
+                    "effect": "needs_approval",
+                    "when": "has(action.params.big) && action.params.big == true",
+                },
+            ],
+        },
+    ]
+    (directory / "bundle.yaml").write_text(yaml.safe_dump_all(documents, sort_keys=False))
+    return directory
+
+
+def crm_database(directory: Path) -> Path:
+    """A real SQLite CRM with a contacts table; returns the file holding its URL (a credential)."""
+    db = directory / "crm.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS contacts (id INTEGER PRIMARY KEY, name TEXT NOT NULL, email TEXT)")
+        conn.execute("INSERT INTO contacts (name, email) VALUES ('Ada', 'ada@example.com'), ('Bob', 'bob@example.com')")
+    url_file = directory / "crm.url"
+    url_file.write_text(f"sqlite:///{db}\n")
+    return url_file
+
+
+def executor_config(
+    directory: Path,
+    *,
+    database_url: str,
+    policy_dir: Path,
+    signing_key: Path,
+    token_file: Path,
+    crm_url_file: Path | None = None,
+    timeout: str = "5s",
+    **settings: Any,
+) -> Path:
+    """An executor config file; credentials are file references, as in production."""
+    tools: dict[str, Any] = {
+        "web": {"timeout": timeout, "headers": {"Authorization": {"file": str(token_file), "template": "Bearer {}"}}},
+        "kv": {"timeout": timeout, "headers": {"Authorization": {"file": str(token_file), "template": "Bearer {}"}}},
+    }
+    if crm_url_file is not None:
+        tools["crm"] = {"databases": {"crm": {"file": str(crm_url_file)}}}
+    config = {
+        "database_url": database_url,
+        "public_key": str(public_path(signing_key)),
+        "policy_dir": str(policy_dir),
+        "poll_interval": "20ms",
+        "tools": tools,
+        **settings,
+    }
+    path = directory / "executor.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@contextmanager
+def running_executor(config: Path) -> Iterator[Executor]:
+    executor = build(load(config, env={}))
+    executor.start()
+    try:
+        yield executor
+    finally:
+        executor.stop()
+
+
+class ExecutorProcess:
+    """`pdp-executor` as its own process, its output captured to a file."""
+
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+        self.log_path = log
+        self._log = log.open("ab")
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("PDP_")}
+        environ.update(env or {})
+        environ["PYTHONUNBUFFERED"] = "1"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "executor.main", "--config", str(config)],
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=environ,
+        )
+
+    def wait_started(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "executing tools" in self.output():
+                return
+            if self.process.poll() is not None:
+                raise AssertionError(f"pdp-executor exited {self.process.returncode}:\n{self.output()}")
+            time.sleep(0.05)
+        raise AssertionError(f"pdp-executor did not start:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+        self._log.close()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(2)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()
+        return self.process.returncode

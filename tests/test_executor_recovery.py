@@ -1,0 +1,206 @@
+"""At most once across crashes, and the per-tool circuit breaker.
+
+`kill -9` of the executor mid-call: a tool that is not idempotent ends UNKNOWN and never runs twice;
+an idempotent one is retried after its lease lapses, with the same idempotency key.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Server, fresh_database, running_server, signing_key
+from execution import ExecutorProcess, Target, executor_config, running_executor, target_server, write_bundle
+from sqlalchemy import Engine, select
+
+from pdp.client import PdpClient
+from pdp.store.database import create_db_engine
+from pdp.store.migrate import upgrade
+from pdp.store.models import audit_events, circuit_breakers, executions
+from pdp.v1 import pdp_pb2
+
+
+@dataclass
+class Setup:
+    server: Server
+    target: Target
+    client: PdpClient
+    engine: Engine
+    tmp: Path
+    bundle: Path
+    token_file: Path
+
+    def config(self, **settings: Any) -> Path:
+        return executor_config(
+            self.tmp,
+            database_url=self.server.database_url,
+            policy_dir=self.bundle,
+            signing_key=signing_key(),
+            token_file=self.token_file,
+            timeout="20s",
+            **settings,
+        )
+
+    def audit_types(self, pid: str) -> list[str]:
+        with self.engine.connect() as conn:
+            query = select(audit_events.c.type).where(audit_events.c.proposal_id == pid).order_by(audit_events.c.seq)
+            return list(conn.execute(query).scalars())
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
+    with target_server() as target, fresh_database(request.param, tmp_path) as url:
+        upgrade(url)
+        bundle = write_bundle(tmp_path / "bundle", target.url)
+        token_file = tmp_path / "target.token"
+        token_file.write_text(target.token)
+        engine = create_db_engine(url)
+        with running_server(url, policy_dir=bundle) as server:
+            _agent, client = server.agent_client()
+            yield Setup(server, target, client, engine, tmp_path, bundle, token_file)
+        engine.dispose()
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _killed_mid_call(setup: Setup, tool: str, path: str, operation: str) -> tuple[str, ExecutorProcess]:
+    """Propose, let an executor process start the call, kill -9 it, and start a fresh one."""
+    setup.target.slow_seconds = 2.0
+    config = setup.config(lease="1s", retry_backoff="200ms")
+    first = ExecutorProcess(config, setup.tmp / "executor-1.log")
+    first.wait_started()
+    pid = setup.client.propose(tool, operation, setup.target.url + path, "t").proposal_id
+    wait_for(lambda: setup.target.count("/api/" + path) == 1, "the call to reach the target")
+    first.kill()
+    assert setup.client.get(pid).state == pdp_pb2.EXECUTING
+    second = ExecutorProcess(config, setup.tmp / "executor-2.log")
+    second.wait_started()
+    return pid, second
+
+
+def test_kill_9_mid_call_on_a_non_idempotent_tool_ends_unknown_and_never_reruns(setup: Setup) -> None:
+    pid, second = _killed_mid_call(setup, "web", "slow", "POST")
+    try:
+        final = setup.client.wait(pid, timeout=60)
+        assert final.state == pdp_pb2.UNKNOWN, final
+        assert "human must reconcile" in final.execution.error
+        time.sleep(1.5)  # a wrong retry would have reached the target by now
+    finally:
+        second.stop()
+    assert setup.target.count("/api/slow") == 1
+    assert setup.audit_types(pid) == ["proposal.decided", "execution.started", "execution.unknown"]
+
+
+def test_kill_9_mid_call_on_an_idempotent_tool_retries_with_the_same_key(setup: Setup) -> None:
+    pid, second = _killed_mid_call(setup, "kv", "kv/note-1", "PUT")
+    try:
+        final = setup.client.wait(pid, timeout=60)
+    finally:
+        second.stop()
+    assert final.state == pdp_pb2.SUCCEEDED, final
+    assert setup.target.count("/api/kv/") == 2
+    assert {s.headers["Idempotency-Key"] for s in setup.target.seen} == {pid}
+    assert setup.target.effects == {pid: 1}
+    assert setup.audit_types(pid) == [
+        "proposal.decided",
+        "execution.started",
+        "execution.retrying",
+        "execution.started",
+        "execution.succeeded",
+    ]
+    with setup.engine.connect() as conn:
+        assert conn.execute(select(executions.c.attempt).where(executions.c.proposal_id == pid)).scalar_one() == 2
+
+
+def test_an_idempotent_tool_gives_up_after_max_attempts(setup: Setup) -> None:
+    setup.target.slow_seconds = 30.0  # never answers in time: every attempt's worker gets killed
+    config = setup.config(lease="1s", retry_backoff="100ms", max_attempts=2)
+    process = ExecutorProcess(config, setup.tmp / "executor-a.log")
+    process.wait_started()
+    pid = setup.client.propose("kv", "PUT", setup.target.url + "kv/x", "t").proposal_id
+    for attempt in (1, 2):
+        wait_for(lambda a=attempt: setup.target.count("/api/kv/") == a, f"attempt {attempt}")  # type: ignore[misc]
+        process.kill()
+        process = ExecutorProcess(config, setup.tmp / f"executor-{attempt}.log")
+        process.wait_started()
+    try:
+        final = setup.client.wait(pid, timeout=60)
+    finally:
+        process.stop()
+    assert final.state == pdp_pb2.FAILED
+    assert "gave up" in final.execution.error
+    assert setup.target.count("/api/kv/") == 2
+
+
+# --- circuit breaker -------------------------------------------------------------------------------
+
+
+def _breaker(setup: Setup) -> dict[str, object] | None:
+    with setup.engine.connect() as conn:
+        row = conn.execute(select(circuit_breakers).where(circuit_breakers.c.tool == "web")).mappings().first()
+        return dict(row) if row is not None else None
+
+
+def test_the_breaker_opens_denies_with_retry_after_and_recovers(setup: Setup) -> None:
+    config = setup.config(breaker={"failures": 2, "cooldown": "2s"})
+    with running_executor(config):
+        for _ in range(2):
+            pid = setup.client.propose("web", "POST", setup.target.url + "fail", "t").proposal_id
+            assert setup.client.wait(pid, timeout=30).state == pdp_pb2.FAILED
+        breaker = _breaker(setup)
+        assert breaker is not None and breaker["opened_until"] is not None
+
+        def denied() -> bool:
+            decision = setup.client.evaluate("web", "POST", setup.target.url + "items", "t")
+            return decision.outcome == pdp_pb2.DENY
+
+        wait_for(denied, "the PDP to see the open breaker", timeout=10)
+        response = setup.client.propose("web", "POST", setup.target.url + "items", "t")
+        assert response.state == pdp_pb2.DENIED
+        assert 1 <= response.decision.retry_after_seconds <= 2
+        assert response.decision.reasons[0].rule_id == "circuit.open"
+        assert "retry after" in response.decision.reasons[0].message
+        # Other tools are unaffected.
+        assert setup.client.evaluate("kv", "PUT", setup.target.url + "kv/a", "t").outcome == pdp_pb2.ALLOW
+
+        # After the cool-down: one trial; its success closes the breaker.
+        wait_for(lambda: not denied(), "the cool-down to end", timeout=10)
+        trial = setup.client.propose("web", "POST", setup.target.url + "items", "t").proposal_id
+        assert setup.client.wait(trial, timeout=30).state == pdp_pb2.SUCCEEDED
+    breaker = _breaker(setup)
+    assert breaker is not None and breaker["opened_until"] is None and breaker["consecutive_failures"] == 0
+    with setup.engine.connect() as conn:
+        bodies = conn.execute(
+            select(audit_events.c.type, audit_events.c.body)
+            .where(audit_events.c.type.like("circuit.%"))
+            .order_by(audit_events.c.seq)
+        ).all()
+    assert [b.type for b in bodies] == ["circuit.opened", "circuit.closed"]
+    assert json.loads(bodies[1].body)["data"]["trial_proposal_id"] == trial
+
+
+def test_a_failed_trial_reopens_the_breaker(setup: Setup) -> None:
+    config = setup.config(breaker={"failures": 1, "cooldown": "1s"})
+    with running_executor(config):
+        pid = setup.client.propose("web", "POST", setup.target.url + "fail", "t").proposal_id
+        assert setup.client.wait(pid, timeout=30).state == pdp_pb2.FAILED
+        first = _breaker(setup)
+        assert first is not None and first["opened_until"] is not None
+        time.sleep(1.2)  # the cool-down passes: half-open
+        trial = setup.client.propose("web", "POST", setup.target.url + "fail", "t")
+        assert trial.state == pdp_pb2.APPROVED
+        assert setup.client.wait(trial.proposal_id, timeout=30).state == pdp_pb2.FAILED
+    second = _breaker(setup)
+    assert second is not None
+    assert second["opened_until"] is not None and second["opened_until"] > first["opened_until"]  # type: ignore[operator]
