@@ -16,12 +16,21 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # Serves the agent gRPC API on the embedded default: SQLite file, example policies, a dev agent,
-# a signing key for audit checkpoints (all kept in the working directory: pdp.db, .pdp/).
+# a signing key for audit checkpoints (all kept in the working directory: pdp.db, .pdp/). Next to it run
+# the demo targets (a ticketing API on 127.0.0.1:8282, a SQLite CRM; credentials in .pdp/demo/) and the
+# executor that carries out allowed actions on them. Ctrl-C, or any one of the three exiting, stops all three.
+run: SHELL := /bin/bash
 run: $(STAMP)
 	$(BIN)/pdp db upgrade
 	$(BIN)/pdp keys init
 	$(BIN)/pdp agents ensure-dev
-	$(BIN)/pdp serve
+	$(BIN)/python -m demo.setup
+	@echo 'starting the demo tickets API, pdp-executor and pdp serve (Ctrl-C stops all three)'; \
+	pids=; trap 'kill $$pids 2>/dev/null; wait' EXIT; trap 'exit 130' INT; trap 'exit 143' TERM; \
+	$(BIN)/python -m demo.tickets & pids="$$pids $$!"; \
+	$(BIN)/pdp-executor --config demo/executor.yaml & pids="$$pids $$!"; \
+	$(BIN)/pdp serve & pids="$$pids $$!"; \
+	wait -n
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -56,7 +56,7 @@ class FileConfig(BaseModel):
     policy_dir: str = "policies"
     worker_id: str | None = Field(default=None, min_length=1, max_length=100)
     concurrency: int = Field(default=8, ge=1, le=256)
-    poll_interval: str = "50ms"
+    poll_interval: str = "20ms"
     lease: str = "30s"
     max_attempts: int = Field(default=3, ge=1, le=20)  # idempotent tools: runs in all, after crashes
     retry_backoff: str = "1s"  # before the 2nd run; doubles for each later one

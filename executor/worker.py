@@ -33,6 +33,7 @@ from pdp.canonical import canonical_json
 from pdp.policy.catalog import Tool
 from pdp.proposals.states import ProposalState
 from pdp.store.models import executions, proposals
+from pdp.store.writer import GroupCommitWriter
 
 log = logging.getLogger("executor")
 
@@ -73,7 +74,7 @@ class Executor:
     ) -> None:
         self._settings = settings
         self._reader = reader
-        self._writer = writer
+        self._writes = GroupCommitWriter(writer, max_batch=64)
         self._catalog = dict(catalog)
         self._connectors = dict(connectors)
         self._served = {name: catalog[name] for name in connectors}
@@ -108,6 +109,7 @@ class Executor:
         self._stopped.set()
         for thread in self._threads[1:]:
             thread.join(timeout)
+        self._writes.close()
         for connector in self._connectors.values():
             connector.close()
 
@@ -118,8 +120,8 @@ class Executor:
     # --- the claim loop ----------------------------------------------------------------------------
 
     def _transaction(self, work: Callable[[Connection], T]) -> T:
-        with self._writer.begin() as conn:
-            return work(conn)
+        """Run ``work`` in a committed transaction; concurrent callers share one commit (group commit)."""
+        return self._writes.submit(work).result()
 
     def _work_waiting(self) -> bool:
         query = select(
