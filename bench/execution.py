@@ -167,6 +167,7 @@ def throughput(
         ids = [pid for part in pool.map(send, [range(k, count, 8) for k in range(8)]) for pid in part]
     engine = create_db_engine(database_url, pool_size=1)
     running = [executor(workdir, f"tp{workers}-{n}") for n in range(workers)]
+    cpu_before = [sysinfo.process_cpu(p.proc.pid) for p in running]
     try:
         deadline = time.monotonic() + 600
         query = select(func.count()).where(proposals.c.session_id == session, proposals.c.state == "SUCCEEDED")
@@ -176,6 +177,7 @@ def throughput(
             if done == len(ids) or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
+        cpu = sum(sysinfo.process_cpu(p.proc.pid) for p in running) - sum(cpu_before)
         with engine.connect() as conn:
             first, last = conn.execute(
                 select(func.min(executions.c.started_at), func.max(executions.c.finished_at)).where(
@@ -189,7 +191,7 @@ def throughput(
     span = (last - first).total_seconds()
     print(
         f"throughput, {workers} executor(s): {done}/{len(ids)} executed in {span:.2f} s = "
-        f"{done / span:,.0f} executions/s"
+        f"{done / span:,.0f} executions/s; executor CPU {cpu / done * 1000:.2f} ms per execution"
     )
 
 

@@ -159,7 +159,7 @@ def claim(
     if not served or limit <= 0:
         return []
     chain.lock_chain(conn)
-    blocked = _blocked_tools(conn, served, now)
+    blocked, half_open = _breaker_states(conn, served, now)
     tools = [name for name in served if name not in blocked]
     if not tools:
         return []
@@ -177,7 +177,7 @@ def claim(
         except TicketRefused as refused:
             _refuse(conn, row, refused, actor, now)
             continue
-        if _half_open(conn, tool.name, now) and not _take_trial(conn, tool.name, row.id, now):
+        if tool.name in half_open and not _take_trial(conn, tool.name, row.id, now):
             blocked.add(tool.name)
             continue
         _set_state(conn, row.id, ProposalState.EXECUTING, now)
@@ -371,21 +371,15 @@ def _finish_row(conn: Connection, proposal_id: str, status: str, error: str, now
 # --- circuit breakers (see pdp/execution/circuits.py for the states) ----------------------------------
 
 
-def _blocked_tools(conn: Connection, served: Mapping[str, Tool], now: datetime) -> set[str]:
-    """Tools not to claim now: open, or half-open with the trial already running."""
+def _breaker_states(conn: Connection, served: Mapping[str, Tool], now: datetime) -> tuple[set[str], set[str]]:
+    """(tools not to claim now: open, or half-open with the trial running; half-open tools awaiting a trial)."""
     rows = conn.execute(
         select(circuit_breakers.c.tool, circuit_breakers.c.opened_until, circuit_breakers.c.trial_proposal_id).where(
             circuit_breakers.c.tool.in_(list(served)), circuit_breakers.c.opened_until.is_not(None)
         )
     ).all()
-    return {r.tool for r in rows if r.opened_until > now or r.trial_proposal_id is not None}
-
-
-def _half_open(conn: Connection, tool: str, now: datetime) -> bool:
-    opened_until = conn.execute(
-        select(circuit_breakers.c.opened_until).where(circuit_breakers.c.tool == tool)
-    ).scalar_one_or_none()
-    return opened_until is not None and opened_until <= now
+    blocked = {r.tool for r in rows if r.opened_until > now or r.trial_proposal_id is not None}
+    return blocked, {r.tool for r in rows} - blocked
 
 
 def _take_trial(conn: Connection, tool: str, proposal_id: str, now: datetime) -> bool:

@@ -11,7 +11,7 @@ import pytest
 from conftest import Server, fresh_database, running_server, signing_key
 from execution import Target, crm_database, executor_config, running_executor, target_server, write_bundle
 from google.protobuf.json_format import MessageToDict
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from pdp.client import PdpClient
 from pdp.store.database import create_db_engine
@@ -127,3 +127,20 @@ def test_every_step_is_audited(stack: Stack) -> None:
     engine.dispose()
     assert types == ["proposal.decided", "execution.started", "execution.succeeded"]
     assert row["status"] == "SUCCEEDED" and row["attempt"] == 1 and row["worker"] is None
+
+
+def test_the_auditors_view_lists_the_execution_steps(stack: Stack) -> None:
+    with running_executor(stack.config):
+        ok = propose(stack.client, "web", "POST", stack.target.url + "items")
+        failed = propose(stack.client, "web", "POST", stack.target.url + "fail")
+        for pid in (ok, failed):
+            stack.client.wait(pid, timeout=30)
+    query = text("SELECT proposal_id, status, tool, resource, error, policy_version FROM audit_executions ORDER BY seq")
+    with stack.server.engine.connect() as conn:
+        rows = [tuple(r) for r in conn.execute(query)]
+    version = stack.client.get(ok).decision.policy_version
+    steps = {pid: [(r[1], r[4]) for r in rows if r[0] == pid] for pid in (ok, failed)}
+    assert steps[ok] == [("started", None), ("succeeded", None)]
+    assert [s for s, _ in steps[failed]] == ["started", "failed"] and "HTTP 500" in steps[failed][1][1]
+    assert {r[2] for r in rows} == {"web"} and {r[3] for r in rows if r[0] == ok} == {stack.target.url + "items"}
+    assert {r[5] for r in rows} == {version}
