@@ -62,7 +62,7 @@ def _for_update(query: Select[Any], conn: Connection) -> Select[Any]:
 
 
 def _event(kind: str, row: Any, actor: str, now: datetime, **data: Any) -> Event:
-    action = row.action
+    action = row.action if isinstance(row.action, dict) else {}  # a forged row may hold anything
     return Event(
         type=kind,
         actor=actor,

@@ -148,8 +148,8 @@ class Executor:
                 free = self._settings.concurrency - self.busy() - len(jobs)
                 if free > 0 and self._served and self._work_waiting():
                     jobs += self._transaction(functools.partial(self._claim, limit=free))
-            except SQLAlchemyError:
-                log.exception("database error in the claim loop; retrying")
+            except Exception:  # the loop must outlive any one bad poll (database down, a bug)
+                log.exception("error in the claim loop; retrying in 1 s")
                 self._stopping.wait(1.0)
             for job in jobs:
                 with self._lock:
@@ -220,7 +220,10 @@ class Executor:
         except Exception as exc:  # a connector bug fails the execution, never the executor
             log.exception("connector %s raised", job.tool.type)
             return Outcome(error=self.redactor.text(f"connector error: {type(exc).__name__}: {exc}"))
-        return Outcome(result=bounded(self.redactor.value(result)))
+        try:
+            return Outcome(result=bounded(self.redactor.value(result)))
+        except (TypeError, ValueError) as exc:  # e.g. a plugin returned something JSON cannot hold
+            return Outcome(error=self.redactor.text(f"connector returned a result that is not JSON: {exc}"))
 
     def _run(self, job: Job) -> None:
         started = time.perf_counter()

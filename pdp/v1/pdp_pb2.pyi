@@ -342,6 +342,8 @@ Global___Approval: _TypeAlias = Approval  # noqa: Y015
 
 @_typing.final
 class Execution(_message.Message):
+    """What the execution gateway did with an approved proposal."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STATUS_FIELD_NUMBER: _builtins.int
@@ -350,9 +352,13 @@ class Execution(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     status: _builtins.str
+    """RUNNING, SUCCEEDED, FAILED or UNKNOWN (the executor stopped mid-call; a human must reconcile)."""
     error: _builtins.str
+    """Why it failed (credentials scrubbed); "refused: ..." when the ticket did not permit execution."""
     @_builtins.property
-    def result(self) -> _struct_pb2.Struct: ...
+    def result(self) -> _struct_pb2.Struct:
+        """The connector's result, credentials scrubbed (http: status, headers, body, truncated; sql: rows, rowcount)."""
+
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
