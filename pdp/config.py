@@ -51,6 +51,20 @@ SETTINGS = (
         "10m",
         "how long an execution ticket stays valid; the executor refuses it afterwards",
     ),
+    Setting(
+        "approval_webhooks",
+        "--approval-webhooks",
+        "PDP_APPROVAL_WEBHOOKS",
+        "",
+        "comma-separated URLs notified (POST, JSON) when a proposal starts waiting for approval",
+    ),
+    Setting(
+        "admin_url",
+        "--admin-url",
+        "PDP_ADMIN_URL",
+        "",
+        "public base URL of the admin endpoint, used in notification links (default http://<admin addr>)",
+    ),
 )
 
 
@@ -66,6 +80,8 @@ class Config:
     checkpoint_every: str = "1000"
     checkpoint_interval: str = "60"
     ticket_ttl: str = "10m"
+    approval_webhooks: str = ""
+    admin_url: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
@@ -81,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None
                 setting.flag,
                 dest=setting.name,
                 default=None,
-                help=f"{setting.help} (env {setting.env}, default {setting.default})",
+                help=f"{setting.help} (env {setting.env}, default {setting.default or 'none'})",
             )
 
 

@@ -5,6 +5,7 @@
     ├── Unauthenticated      missing, unknown or revoked token
     ├── NotFound             no such proposal for this agent
     ├── AlreadyExists        idempotency key reused for a different action
+    ├── PermissionDenied     authenticated, but not allowed to do this (an approver outside the groups)
     ├── FailedPrecondition   the proposal is not in a state that allows this
     ├── ResourceExhausted    the caller holds too many of a bounded resource (open watch streams)
     └── Unavailable          the database failed; nothing was decided
@@ -40,6 +41,10 @@ class NotFound(PdpError):
 
 class AlreadyExists(PdpError):
     code = "already_exists"
+
+
+class PermissionDenied(PdpError):
+    code = "permission_denied"
 
 
 class FailedPrecondition(PdpError):

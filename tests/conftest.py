@@ -170,7 +170,13 @@ class Server:
     target: str
     database_url: str
     engine: Engine
+    running: RunningServer | None = None  # the in-process server's parts (admin port, approvals, bundles)
     _clients: list[PdpClient] = field(default_factory=list)
+
+    @property
+    def admin_url(self) -> str:
+        assert self.running is not None
+        return f"http://127.0.0.1:{self.running.admin.port}"
 
     def add_agent(self, roles: tuple[str, ...] = ("support",), owner: str = "tester", prefix: str = "agent") -> Agent:
         """A new agent with a unique id; returns its id and token."""
@@ -258,7 +264,7 @@ def server_config(database_url: str, *, policy_dir: Path = POLICIES, environment
 def running_server(database_url: str, policy_dir: Path = POLICIES, environment: str = "dev") -> Iterator[Server]:
     background = BackgroundServer(server_config(database_url, policy_dir=policy_dir, environment=environment))
     engine = create_db_engine(database_url)
-    server = Server(f"127.0.0.1:{background.running.port}", database_url, engine)
+    server = Server(f"127.0.0.1:{background.running.port}", database_url, engine, background.running)
     try:
         yield server
     finally:
@@ -284,6 +290,7 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env["PDP_SIGNING_KEY"] = str(signing_key())
     env["PDP_CHECKPOINT_FILE"] = str(tmp_path / "checkpoints.jsonl")
+    env["PDP_ADMIN_ADDR"] = "127.0.0.1:0"  # several servers may run at once
     return env
 
 
@@ -381,3 +388,43 @@ def start_serve(database_url: str, directory: Path, env: dict[str, str], name: s
         serve.stop()
         raise
     return serve
+
+
+# --- a real browser: headless Chromium driven by Selenium ---------------------------------------------
+
+from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402  (this section was appended)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+def _require_browser() -> None:
+    """Skip without Chromium and its driver (Debian packages chromium, chromium-driver); in CI, fail."""
+    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.is_file()]
+    if missing:
+        problem = f"{' and '.join(missing)} missing: install the Debian packages chromium and chromium-driver"
+        if in_ci():
+            pytest.fail(f"{problem} (CI is set: a missing dependency is a failure)")
+        pytest.skip(f"{problem} (or set CI=1 to make this a failure)")
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[WebDriver]:
+    """One headless Chromium for the session. Selenium Manager is never asked to download anything: the
+    driver's path is given, and SE_OFFLINE is set while the driver starts. Tests share it, so each one
+    clears cookies and sets the window size it needs."""
+    _require_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(argument)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SE_OFFLINE", "true")
+        driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    try:
+        yield driver
+    finally:
+        driver.quit()

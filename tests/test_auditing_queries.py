@@ -41,6 +41,7 @@ from pdp.audit.verify import verify
 from pdp.canonical import canonical_json, timestamp
 from pdp.client import PdpClient, pdp_pb2
 from pdp.identity.agents import add_agent
+from pdp.identity.approvers import add_approver
 from pdp.store.database import create_db_engine
 
 AUDITING = REPO / "docs" / "auditing.md"
@@ -109,6 +110,8 @@ class Log:
     scratch: str  # support-bot: allowed, outside the ticket prefix
     delete: str  # support-bot: delete a ticket, needs approval, left pending
     other: str  # other-bot: open a ticket (another agent, same prefix)
+    approved: str  # other-bot: a critical ticket, approved by oncall-1
+    rejected: str  # other-bot: delete a ticket, rejected by lead-1
 
 
 def populate(url: str) -> Log:
@@ -151,7 +154,32 @@ def populate(url: str) -> Log:
         )
         assert bot.cancel(bulk).state == pdp_pb2.CANCELLED
         other_id, _ = propose(other, "tickets", "POST", TICKETS, "another ticket", outcome=pdp_pb2.ALLOW)
-    return Log(version, allowed, admin, bulk, (patch_a, patch_b), unknown, shouting, scratch, delete, other_id)
+        critical, _ = propose(
+            other, "tickets", "POST", TICKETS, "pager", params={"priority": "critical"}, outcome=pdp_pb2.NEEDS_APPROVAL
+        )
+        doomed, _ = propose(
+            other, "tickets", "DELETE", DOC_PREFIX + "tickets/9", "cleanup", outcome=pdp_pb2.NEEDS_APPROVAL
+        )
+        assert server.running is not None
+        approvals = server.running.approvals
+        add_approver(server.engine, "oncall-1", ["ops-oncall"])
+        add_approver(server.engine, "lead-1", ["support-leads"])
+        assert approvals.approve(approvals.approver("oncall-1"), critical, "real outage").state == "APPROVED"
+        assert approvals.reject(approvals.approver("lead-1"), doomed, "keep the history").state == "REJECTED"
+    return Log(
+        version,
+        allowed,
+        admin,
+        bulk,
+        (patch_a, patch_b),
+        unknown,
+        shouting,
+        scratch,
+        delete,
+        other_id,
+        critical,
+        doomed,
+    )
 
 
 # --- running a query as an auditor -----------------------------------------------------------------------------
@@ -279,11 +307,16 @@ def check_outcomes_per_day(conn: Any, query: str, log: Log, values: dict[str, st
     for row in rows:
         assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", row["day"]), row
         totals[row["outcome"]] += int(row["proposals"])
-    assert totals == {"allow": 3, "deny": 5, "needs_approval": 2}
+    assert totals == {"allow": 3, "deny": 5, "needs_approval": 4}
 
 
 def check_approvals_by_approver(conn: Any, query: str, log: Log, values: dict[str, str]) -> None:
-    assert run(conn, query, **values) == []  # approval events arrive with the approval workflow
+    rows = run(conn, query, **values)
+    assert [(r["approver"], r["verdict"], int(r["decisions"])) for r in rows] == [
+        ("approver:lead-1", "reject", 1),
+        ("approver:oncall-1", "approve", 1),
+    ]
+    assert all(r["first_at"] is not None and r["first_at"] == r["last_at"] for r in rows)
 
 
 def check_awaiting_approval(conn: Any, query: str, log: Log, values: dict[str, str]) -> None:
@@ -341,7 +374,7 @@ def check_standalone_verifier(db_file: Path) -> None:
         return subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, check=False)
 
     result = run_verifier(db_file)
-    assert result.returncode == 0 and result.stdout.startswith("ok: 11 events"), result
+    assert result.returncode == 0 and result.stdout.startswith("ok: 16 events"), result
 
     # event_id is inside the hashed body now: editing the column alone is caught, by the doc and by the code.
     tampered = db_file.with_name("tampered.db")
@@ -372,7 +405,7 @@ def check_export(database_url: str) -> None:
         [PDP, "audit", "export", "--database-url", database_url], capture_output=True, text=True, check=True, env=env
     )
     events = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len(events) == 11
+    assert len(events) == 16
     prev = GENESIS
     for event in events:
         canonical = event["body_canonical"].encode("utf-8")

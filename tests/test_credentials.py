@@ -79,6 +79,7 @@ def pdp_env(directory: Path) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env["PDP_SIGNING_KEY"] = str(signing_key())
     env["PDP_CHECKPOINT_FILE"] = str(directory / "checkpoints.jsonl")
+    env["PDP_ADMIN_ADDR"] = "127.0.0.1:0"
     return env
 
 

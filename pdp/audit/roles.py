@@ -32,7 +32,8 @@ def create_roles(engine: Engine, writer: str, auditor: str) -> None:
         ]
     statements += [
         # The service: reads identities, writes proposals, appends (only) to the audit log.
-        f"GRANT SELECT ON agents, alembic_version TO {writer}",
+        f"GRANT SELECT ON agents, approvers, alembic_version TO {writer}",
+        f"GRANT SELECT, INSERT ON approvals TO {writer}",
         f"GRANT SELECT, INSERT, UPDATE ON proposals TO {writer}",
         f"GRANT SELECT, INSERT ON {audit} TO {writer}",
         # Execution state, shared by the PDP (issues tickets, reads results and breakers) and the

@@ -7,13 +7,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pdp.cli import agents, audit, db, policy, propose, serve
+from pdp.cli import agents, approvers, audit, db, policy, propose, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdp", description="agent-pdp: the model suggests, the platform decides.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (serve, db, agents, policy, propose, audit):
+    for module in (serve, db, agents, approvers, policy, propose, audit):
         module.register(commands)
     return parser
 

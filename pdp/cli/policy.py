@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from pdp.cli.render import print_decision
-from pdp.policy.bundle import PolicyBundle
+from pdp.identity.approvers import list_approvers
+from pdp.policy.bundle import Approval, PolicyBundle
 from pdp.policy.decision import Decision
 from pdp.policy.documents import TestInput
 from pdp.policy.engine import decide
 from pdp.policy.loader import BundleError, load_bundle
 from pdp.policy.testing import decision_input, run_tests
 from pdp.server.convert import decision_message
+from pdp.store.database import create_db_engine, is_sqlite
 
 
 def register(commands: Any) -> None:
@@ -26,6 +31,13 @@ def register(commands: Any) -> None:
 
     check = sub.add_parser("check", help="parse, type-check and lint a bundle; lists every problem with file:line")
     check.add_argument("dir", type=Path)
+    check.add_argument(
+        "--database-url",
+        default=None,
+        help="also warn about approver groups with no active approver in this database "
+        "(env PDP_DATABASE_URL; without either, no database is read)",
+    )
+    check.add_argument("--strict", action="store_true", help="exit 1 when there are warnings")
     check.set_defaults(handler=run_check)
 
     test = sub.add_parser("test", help="run the bundle's PolicyTest cases; exit 1 on any failure")
@@ -58,7 +70,61 @@ def run_check(args: argparse.Namespace) -> int:
         f"ok: bundle {bundle.name!r} {bundle.policy_version}: {len(bundle.tools)} tools, "
         f"{len(bundle.boundaries)} boundaries, {len(bundle.rules)} rules, {len(bundle.tests)} tests"
     )
-    return 0
+    # Only a database someone named explicitly: the settings' default (./pdp.db) would make a plain
+    # `pdp policy check` in a policy repository create a database file, or warn about an unrelated one.
+    database_url = args.database_url or os.environ.get("PDP_DATABASE_URL")
+    if not database_url:
+        return 0
+    warnings = approver_warnings(bundle, database_url)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 1 if warnings and args.strict else 0
+
+
+def _approval_specs(bundle: PolicyBundle) -> list[tuple[str, Approval]]:
+    """Every approval spec in the bundle with where it is written, in bundle order."""
+    specs = [(f"rule {r.id}", r.approval) for r in bundle.rules if r.approval is not None]
+    specs += [(f"boundary {b.name}", b.approval) for b in bundle.boundaries if b.approval is not None]
+    if bundle.default_approval is not None:
+        specs.append(("default_approval", bundle.default_approval))
+    return specs
+
+
+def approver_warnings(bundle: PolicyBundle, database_url: str) -> list[str]:
+    """Approval specs that nobody in the database can satisfy; a database that cannot be read is a warning too."""
+    specs = _approval_specs(bundle)
+    if not specs:
+        return []
+    try:
+        # SQLite would create a missing file on connect: a typo in the path must not leave a stray database.
+        if is_sqlite(database_url) and not Path(make_url(database_url).database or "").is_file():
+            return [f"database {database_url} does not exist, so approver groups were not checked"]
+        records = list_approvers(create_db_engine(database_url))
+    except (SQLAlchemyError, ValueError) as exc:
+        # SQLAlchemy's messages run to several lines (SQL, a link); the first names the problem.
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return [f"could not read approvers from the database, so approver groups were not checked: {reason}"]
+    active = [r.approver for r in records if r.revoked_at is None]
+    where: dict[str, list[str]] = {}
+    for place, approval in specs:
+        for group in approval.groups:
+            where.setdefault(group, [])
+            if place not in where[group]:
+                where[group].append(place)
+    warnings = [
+        f"group {group!r} ({', '.join(places)}) has no active approvers: proposals needing it cannot be approved"
+        for group, places in sorted(where.items())
+        if not any(group in a.groups for a in active)
+    ]
+    # Some approvers but fewer than the quorum is as stuck as none (zero is reported per group above).
+    for place, approval in specs:
+        eligible = sum(1 for a in active if a.groups & set(approval.groups))
+        if 0 < eligible < approval.min_approvals:
+            warnings.append(
+                f"{place} needs {approval.min_approvals} approvals from {', '.join(approval.groups)} but only "
+                f"{eligible} active approver(s) can give them: proposals needing it cannot be approved"
+            )
+    return warnings
 
 
 def _outcome(decision: Decision) -> str:

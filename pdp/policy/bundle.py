@@ -79,3 +79,20 @@ class PolicyBundle:
             rules = tuple(r for r in self.rules if r.applies_to(tool))
             self._rule_index[tool] = rules
         return rules
+
+
+class ActiveBundle:
+    """The bundle new requests are decided with. Swapping it is one reference assignment, so a request
+    that read ``current`` once finishes on the bundle it started with."""
+
+    def __init__(self, bundle: PolicyBundle) -> None:
+        self._bundle = bundle
+
+    @property
+    def current(self) -> PolicyBundle:
+        return self._bundle
+
+    def swap(self, bundle: PolicyBundle) -> PolicyBundle:
+        """Activate ``bundle``; returns the one it replaced."""
+        previous, self._bundle = self._bundle, bundle
+        return previous

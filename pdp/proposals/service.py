@@ -15,12 +15,14 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Connection, Engine
 
+from pdp.approvals.notify import Notifier
+from pdp.approvals.service import expire
 from pdp.audit import chain, events
 from pdp.canonical import digest, timestamp
 from pdp.execution import tickets
 from pdp.execution.circuits import CircuitBoard, deny_if_open
 from pdp.identity.agents import Caller, TokenCache, authenticate, require_active
-from pdp.policy.bundle import PolicyBundle
+from pdp.policy.bundle import ActiveBundle
 from pdp.policy.decision import Decision
 from pdp.policy.engine import AgentIdentity, DecisionInput, decide
 from pdp.proposals.states import INITIAL_STATE, ProposalState
@@ -41,21 +43,23 @@ class ProposalService:
         self,
         engine: Engine,
         writer: GroupCommitWriter,
-        bundle: PolicyBundle,
+        bundles: ActiveBundle,
         environment: str,
         signing_key: Ed25519PrivateKey,
         *,
         ticket_ttl: timedelta = tickets.DEFAULT_TTL,
         circuits: CircuitBoard | None = None,
+        notifier: Notifier | None = None,
         clock: Clock = utc_now,
     ) -> None:
         self._engine = engine
         self._writer = writer
-        self._bundle = bundle
+        self._bundles = bundles
         self._environment = environment
         self._key = signing_key
         self._ticket_ttl = ticket_ttl
         self._circuits = circuits
+        self._notifier = notifier
         self._clock = clock
         self._tokens = TokenCache()
 
@@ -77,7 +81,7 @@ class ProposalService:
             require_active(conn, caller)
 
     def _decide(self, request: DecisionInput) -> Decision:
-        decision = decide(self._bundle, request)
+        decision = decide(self._bundles.current, request)
         if self._circuits is not None:
             tool = request.action.tool
             decision = deny_if_open(decision, tool, self._circuits.opened_until(tool), request.now)
@@ -133,23 +137,53 @@ class ProposalService:
                 chain.append(conn, events.proposal_decided(record, ticket))
             return recorded
 
-        return self._writer.submit(unit)
+        future = self._writer.submit(unit)
+        if self._notifier is not None and record.state is ProposalState.PENDING_APPROVAL:
+            future.add_done_callback(self._notify)
+        return future
+
+    def _notify(self, future: Future[Recorded]) -> None:
+        """Tell approvers a new proposal waits for them, once it is durable; never blocks or fails the agent."""
+        if future.cancelled() or future.exception() is not None or self._notifier is None:
+            return
+        recorded = future.result()
+        if not recorded.replayed:
+            action = recorded.record.action
+            self._notifier.pending_approval(recorded.record.id, action["tool"], action["resource"])
 
     def get(self, caller: Caller, proposal_id: str) -> ProposalRecord:
         with self._engine.connect() as conn:
             require_active(conn, caller)
-            return store.get_proposal(conn, proposal_id, caller.agent.id)
+            record = store.get_proposal(conn, proposal_id, caller.agent.id)
+        if record.state is ProposalState.PENDING_APPROVAL and _overdue(record, self._clock()):
+            # Expiry is checked on every read, so the agent never sees an overdue proposal as pending.
+            self._writer.submit(lambda conn: self._expire(conn, record.id)).result()
+            with self._engine.connect() as conn:
+                record = store.get_proposal(conn, proposal_id, caller.agent.id)
+        return record
+
+    def _expire(self, conn: Connection, proposal_id: str) -> None:
+        chain.lock_chain(conn)
+        record = store.get_proposal_for_update(conn, proposal_id)
+        if _overdue(record, self._clock()):
+            expire(conn, record, self._clock())
 
     def cancel(self, caller: Caller, proposal_id: str) -> Future[ProposalRecord]:
         now = self._clock()
 
         def unit(conn: Connection) -> ProposalRecord:
             require_active(conn, caller)
+            chain.lock_chain(conn)  # before the row: the lock order votes and executors use too
             cancelled = store.cancel_proposal(conn, proposal_id, caller.agent.id, now)
             chain.append(conn, events.proposal_cancelled(cancelled, now))
             return cancelled
 
         return self._writer.submit(unit)
+
+
+def _overdue(record: ProposalRecord, now: datetime) -> bool:
+    expires = record.decision.approval_expires_at
+    return expires is None or expires <= now
 
 
 def _decision_context(request: DecisionInput) -> dict[str, Any]:

@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from pdp.admin.app import create_app
+from pdp.admin.server import AdminServer, bind
+from pdp.approvals.notify import WebhookNotifier
+from pdp.approvals.service import ApprovalService
 from pdp.audit.checkpointer import Checkpointer
 from pdp.audit.keys import KeyFileError, load_private
 from pdp.config import Config
 from pdp.execution.circuits import CircuitBoard
+from pdp.policy.bundle import ActiveBundle
 from pdp.policy.duration import parse_duration
 from pdp.policy.loader import BundleError, load_bundle
 from pdp.proposals.service import ProposalService, utc_now
@@ -25,6 +34,8 @@ from pdp.server.grpc_api import SERVICE_NAME, PolicyDecisionPointService, generi
 from pdp.store.database import create_db_engine
 from pdp.store.migrate import is_current
 from pdp.store.writer import GroupCommitWriter
+
+log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 1024 * 1024
 WORKER_THREADS = 8
@@ -45,15 +56,23 @@ class RunningServer:
     policy_version: str
     checkpointer: Checkpointer
     circuits: CircuitBoard
+    bundles: ActiveBundle
+    approvals: ApprovalService
+    admin: AdminServer
+    sweeper: asyncio.Task[None]
+    notifier: WebhookNotifier | None
 
     async def stop(self, grace: float = 5.0) -> None:
         """NOT_SERVING, end watch streams, let in-flight calls finish, sign the head, commit queued writes."""
         await self.health.enter_graceful_shutdown()
         self.api.stopping.set()
-        await self.server.stop(grace)
+        self.sweeper.cancel()
+        await asyncio.gather(self.server.stop(grace), self.admin.stop())
         await self.checkpointer.stop()
         self.circuits.stop()
         self.writer.close()
+        if self.notifier is not None:
+            self.notifier.close()
         self.pool.shutdown(wait=True)
 
 
@@ -106,13 +125,40 @@ async def start(config: Config) -> RunningServer:
     except StartupError:
         reader.dispose()
         raise
+    try:
+        admin_socket = bind(config.admin_addr)
+    except (OSError, ValueError) as exc:
+        reader.dispose()
+        raise StartupError(f"cannot listen on {config.admin_addr} (admin endpoint): {exc}") from exc
+    admin_url = config.admin_url or f"http://{config.admin_addr.rsplit(':', 1)[0]}:{admin_socket.getsockname()[1]}"
+    try:
+        urls = [u.strip() for u in config.approval_webhooks.split(",") if u.strip()]
+        notifier = WebhookNotifier(urls, admin_url) if urls else None
+    except ValueError as exc:
+        admin_socket.close()
+        reader.dispose()
+        raise StartupError(str(exc)) from exc
     writer = GroupCommitWriter(create_db_engine(config.database_url, writer=True, pool_size=1))
     pool = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="pdp-io")
     circuits = CircuitBoard(reader)
     circuits.start()
-    service = ProposalService(reader, writer, bundle, config.environment, key, ticket_ttl=ticket_ttl, circuits=circuits)
+    bundles = ActiveBundle(bundle)
+    service = ProposalService(
+        reader, writer, bundles, config.environment, key, ticket_ttl=ticket_ttl, circuits=circuits, notifier=notifier
+    )
     api = PolicyDecisionPointService(service, pool)
     server.add_generic_rpc_handlers((generic_handler(api),))
+    approvals = ApprovalService(
+        reader, writer, bundles, key, environment=config.environment, ticket_ttl=ticket_ttl, clock=utc_now
+    )
+
+    def admin_health() -> dict[str, object]:
+        return {
+            "status": "stopping" if api.stopping.is_set() else "serving",
+            "policy_version": bundles.current.policy_version,
+        }
+
+    admin = AdminServer(create_app(approvals, session_key=session_key(key), health=admin_health), admin_socket)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -123,19 +169,56 @@ async def start(config: Config) -> RunningServer:
         reader, writer, key, Path(config.checkpoint_file), every=every, interval=interval, clock=utc_now
     )
     await server.start()
+    await admin.start()
     checkpointer.start()
+    sweeper = asyncio.create_task(_sweep(approvals, pool))
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(
-        server, port, api, writer, pool, health_servicer, bundle.policy_version, checkpointer, circuits
+        server,
+        port,
+        api,
+        writer,
+        pool,
+        health_servicer,
+        bundle.policy_version,
+        checkpointer,
+        circuits,
+        bundles,
+        approvals,
+        admin,
+        sweeper,
+        notifier,
     )
+
+
+SWEEP_SECONDS = 1.0
+
+
+async def _sweep(approvals: ApprovalService, pool: ThreadPoolExecutor) -> None:
+    """Expire pending proposals past their deadline (reads and votes also check, so this only bounds the lag)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(SWEEP_SECONDS)
+        try:
+            await loop.run_in_executor(pool, approvals.expire_due)
+        except Exception:
+            log.exception("expiring overdue proposals failed; retrying")
+
+
+def session_key(key: Ed25519PrivateKey) -> bytes:
+    """The admin session-cookie key, derived from the signing key so every replica accepts every session."""
+    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    return hashlib.sha256(b"agent-pdp/admin-session/v1\n" + raw).digest()
 
 
 async def serve(config: Config) -> None:
     running = await start(config)
     host = config.grpc_addr.rsplit(":", 1)[0]
+    admin_host = config.admin_addr.rsplit(":", 1)[0]
     print(
-        f"pdp: agent gRPC API on {host}:{running.port}, policy {config.policy_dir} ({running.policy_version}), "
+        f"pdp: agent gRPC API on {host}:{running.port}, admin endpoint on http://{admin_host}:{running.admin.port}/, "
+        f"policy {config.policy_dir} ({running.policy_version}), "
         f"database {make_url(config.database_url).render_as_string(hide_password=True)}",
         flush=True,
     )

@@ -83,4 +83,13 @@ def proposal_message(record: ProposalRecord) -> pdp_pb2.Proposal:
     )
     if record.execution is not None:
         message.execution.CopyFrom(execution_message(record.execution))
+    for vote in record.approvals:
+        message.approvals.append(
+            pdp_pb2.Approval(
+                approver_id=vote.approver_id,
+                verdict=vote.verdict,
+                comment=vote.comment,
+                decided_at=timestamp(vote.decided_at),
+            )
+        )
     return message

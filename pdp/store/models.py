@@ -204,6 +204,35 @@ class CircuitBreaker(Base):
     updated_at: Mapped[datetime]
 
 
+class Approver(Base):
+    """A human who may approve or reject proposals for the groups they belong to. Token stored hashed."""
+
+    __tablename__ = "approvers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    groups: Mapped[list[Any]]
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+
+
+class ApprovalVote(Base):
+    """One approver's verdict on one proposal; the key makes a second vote by the same approver impossible."""
+
+    __tablename__ = "approvals"
+
+    proposal_id: Mapped[str] = mapped_column(String(36), ForeignKey("proposals.id"), primary_key=True)
+    approver_id: Mapped[str] = mapped_column(String(200), ForeignKey("approvers.id"), primary_key=True)
+    verdict: Mapped[str] = mapped_column(String(16))  # approve | reject
+    comment: Mapped[str] = mapped_column(Text)
+    # The approver's groups when they voted: quorum counts membership at the time of the vote.
+    groups: Mapped[list[Any]]
+    # The digest of the action the approver saw: an approval binds to exactly that action.
+    action_digest: Mapped[str] = mapped_column(String(64))
+    decided_at: Mapped[datetime]
+
+
 agents = cast(Table, Agent.__table__)
 proposals = cast(Table, Proposal.__table__)
 audit_events = cast(Table, AuditEvent.__table__)
@@ -211,3 +240,5 @@ audit_checkpoints = cast(Table, AuditCheckpoint.__table__)
 execution_tickets = cast(Table, ExecutionTicket.__table__)
 executions = cast(Table, Execution.__table__)
 circuit_breakers = cast(Table, CircuitBreaker.__table__)
+approvers = cast(Table, Approver.__table__)
+approvals = cast(Table, ApprovalVote.__table__)

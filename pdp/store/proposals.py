@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, RowMapping, select, update
+from sqlalchemy import Connection, RowMapping, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from pdp.errors import AlreadyExists, FailedPrecondition, NotFound
 from pdp.policy.decision import Decision
 from pdp.proposals.states import ProposalState
-from pdp.store.models import execution_tickets, executions, proposals
+from pdp.store.models import approvals, execution_tickets, executions, proposals
 
 if TYPE_CHECKING:
     from pdp.execution.tickets import SignedTicket
@@ -31,6 +31,16 @@ class ExecutionRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ApprovalRecord:
+    """One approver's verdict, as the agent sees it (a rejection's reason is its comment)."""
+
+    approver_id: str
+    verdict: str  # approve | reject
+    comment: str
+    decided_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class ProposalRecord:
     id: str
     agent_id: str
@@ -45,6 +55,7 @@ class ProposalRecord:
     created_at: datetime
     updated_at: datetime
     execution: ExecutionRecord | None = None
+    approvals: tuple[ApprovalRecord, ...] = ()
 
     def row(self) -> dict[str, Any]:
         return {
@@ -168,9 +179,18 @@ def get_proposal(conn: Connection, proposal_id: str, agent_id: str) -> ProposalR
     )
     if row is None:
         raise NotFound(f"proposal {proposal_id!r} not found")
-    return ProposalRecord.from_row(row)
+    record = ProposalRecord.from_row(row)
+    if record.decision.approval_requirements:  # only these can have votes
+        votes = conn.execute(_APPROVALS, {"proposal_id": proposal_id}).all()
+        record = replace(record, approvals=tuple(ApprovalRecord(*vote) for vote in votes))
+    return record
 
 
+_APPROVALS = (
+    select(approvals.c.approver_id, approvals.c.verdict, approvals.c.comment, approvals.c.decided_at)
+    .where(approvals.c.proposal_id == bindparam("proposal_id"))
+    .order_by(approvals.c.decided_at, approvals.c.approver_id)
+)
 _INSERT_TICKET = execution_tickets.insert()
 
 
@@ -195,3 +215,14 @@ def cancel_proposal(conn: Connection, proposal_id: str, agent_id: str, now: date
             f"proposal {proposal_id!r} is {record.state.value}; only PENDING_APPROVAL can be cancelled"
         )
     return record
+
+
+def get_proposal_for_update(conn: Connection, proposal_id: str) -> ProposalRecord:
+    """Any agent's proposal, row-locked on PostgreSQL, for a transition inside the caller's transaction."""
+    query = select(proposals).where(proposals.c.id == proposal_id)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    row = conn.execute(query).mappings().first()
+    if row is None:
+        raise NotFound(f"proposal {proposal_id!r} not found")
+    return ProposalRecord.from_row(row)

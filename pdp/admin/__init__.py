@@ -1,0 +1,1 @@
+"""The admin endpoint: approvers' JSON API and HTML page, health and metrics, on its own port."""

@@ -1,0 +1,1 @@
+"""Human approvals: who may decide a pending proposal, quorum, and what happens at quorum."""

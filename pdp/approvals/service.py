@@ -1,0 +1,540 @@
+"""Approval use cases: what an approver may decide, the vote, quorum, re-evaluation, expiry.
+
+Transport-free: the admin endpoint (JSON API and HTML page) is a thin adapter. Errors are the typed
+errors of :mod:`pdp.errors`: Unauthenticated (401), PermissionDenied (403: not eligible), NotFound
+(404), FailedPrecondition (409: not pending any more), InvalidArgument (422).
+
+Every vote is one unit of the group-commit writer: it takes the audit chain's lock first (which also
+serialises it against votes in other replicas), re-reads the proposal and the approver, and writes
+the vote, any state change, the ticket and their audit events in one transaction. So two approvers
+completing a quorum at the same instant produce exactly one transition and one ticket.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import Connection, Engine, insert, select, update
+
+from pdp.approvals import quorum
+from pdp.approvals.quorum import APPROVE, REJECT, Vote
+from pdp.audit import chain
+from pdp.audit.chain import Event
+from pdp.canonical import timestamp
+from pdp.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from pdp.execution import tickets
+from pdp.identity.approvers import Approver, active_approver, authenticate_approver
+from pdp.policy.bundle import ActiveBundle
+from pdp.policy.decision import Decision, Outcome
+from pdp.policy.engine import ActionInput, AgentIdentity, DecisionInput, decide
+from pdp.proposals.states import ProposalState
+from pdp.store.models import approvals, audit_events, proposals
+from pdp.store.proposals import ProposalRecord, get_proposal_for_update, insert_ticket
+from pdp.store.writer import GroupCommitWriter
+
+Clock = Callable[[], datetime]
+MAX_TEXT = 4096
+MAX_LISTED = 500
+PENDING = ProposalState.PENDING_APPROVAL
+
+
+@dataclass(frozen=True, slots=True)
+class RequirementView:
+    source: str
+    groups: tuple[str, ...]
+    min_approvals: int
+    approvals: int
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalView:
+    approver_id: str
+    verdict: str
+    comment: str
+    decided_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineEntry:
+    seq: int
+    type: str
+    actor: str
+    occurred_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class PendingItem:
+    proposal_id: str
+    agent_id: str
+    owner: str
+    tool: str
+    operation: str
+    resource: str
+    created_at: datetime
+    expires_at: datetime | None
+    seconds_left: int
+    requirements: tuple[RequirementView, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ProposalDetail:
+    proposal_id: str
+    state: str
+    agent_id: str
+    owner: str
+    action: dict[str, Any]
+    # The agent's own words: recorded, shown, never verified and never seen by policy.
+    justification: str
+    outcome: str
+    boundary: str
+    tier: str
+    reasons: tuple[dict[str, str], ...]
+    policy_version: str
+    requirements: tuple[RequirementView, ...]
+    created_at: datetime
+    expires_at: datetime | None
+    seconds_left: int
+    approvals: tuple[ApprovalView, ...]
+    timeline: tuple[TimelineEntry, ...]
+    # Whether this approver may vote now, and if not, why.
+    can_vote: bool
+    why_not: str
+
+
+@dataclass(frozen=True, slots=True)
+class VoteResult:
+    proposal_id: str
+    state: str
+    requirements: tuple[RequirementView, ...]
+    approvals: tuple[ApprovalView, ...]
+
+
+def _owner(record: ProposalRecord) -> str:
+    return str(record.decision_input.get("agent", {}).get("owner", ""))
+
+
+def _requirements(decision: Decision, votes: Sequence[Vote]) -> tuple[RequirementView, ...]:
+    return tuple(
+        RequirementView(p.requirement.source, p.requirement.groups, p.requirement.min_approvals, p.approvals)
+        for p in quorum.progress(decision.approval_requirements, votes)
+    )
+
+
+def _seconds_left(record: ProposalRecord, now: datetime) -> int:
+    expires = record.decision.approval_expires_at
+    return max(0, int((expires - now).total_seconds())) if expires is not None else 0
+
+
+def _expired(record: ProposalRecord, now: datetime) -> bool:
+    expires = record.decision.approval_expires_at
+    # A pending proposal without an expiry cannot exist (the engine always sets one); treat it as expired.
+    return record.state is PENDING and (expires is None or expires <= now)
+
+
+def _load(conn: Connection, proposal_id: str, *, lock: bool = False) -> ProposalRecord:
+    if lock:
+        return get_proposal_for_update(conn, proposal_id)
+    row = conn.execute(select(proposals).where(proposals.c.id == proposal_id)).mappings().first()
+    if row is None:
+        raise NotFound(f"proposal {proposal_id!r} not found")
+    return ProposalRecord.from_row(row)
+
+
+def _votes(conn: Connection, proposal_id: str) -> list[tuple[Vote, ApprovalView, str]]:
+    rows = conn.execute(
+        select(approvals).where(approvals.c.proposal_id == proposal_id).order_by(approvals.c.decided_at)
+    ).mappings()
+    return [
+        (
+            Vote(r["approver_id"], frozenset(r["groups"]), r["verdict"]),
+            ApprovalView(r["approver_id"], r["verdict"], r["comment"], r["decided_at"]),
+            r["action_digest"],
+        )
+        for r in rows
+    ]
+
+
+def expire(conn: Connection, record: ProposalRecord, now: datetime) -> bool:
+    """PENDING_APPROVAL → EXPIRED with its audit event, if it is still pending; True when it changed."""
+    done = conn.execute(
+        update(proposals)
+        .where(proposals.c.id == record.id, proposals.c.state == PENDING.value)
+        .values(state=ProposalState.EXPIRED.value, updated_at=now)
+    )
+    if done.rowcount == 0:
+        return False
+    chain.lock_chain(conn)
+    chain.append(
+        conn,
+        Event(
+            type="proposal.expired",
+            actor="pdp",
+            occurred_at=now,
+            proposal_id=record.id,
+            agent_id=record.agent_id,
+            policy_version=record.decision.policy_version,
+            data={
+                "from_state": PENDING.value,
+                "to_state": ProposalState.EXPIRED.value,
+                "expires_at": timestamp(record.decision.approval_expires_at)
+                if record.decision.approval_expires_at
+                else None,
+            },
+        ),
+    )
+    return True
+
+
+class ApprovalService:
+    def __init__(
+        self,
+        reader: Engine,
+        writer: GroupCommitWriter,
+        bundles: ActiveBundle,
+        signing_key: Ed25519PrivateKey,
+        *,
+        environment: str,
+        ticket_ttl: timedelta = tickets.DEFAULT_TTL,
+        clock: Clock,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._bundles = bundles
+        self._key = signing_key
+        self._environment = environment
+        self._ticket_ttl = ticket_ttl
+        self._clock = clock
+
+    # --- identity ----------------------------------------------------------------------------------
+
+    def authenticate(self, token: str) -> Approver:
+        """The approver a bearer token belongs to (Unauthenticated otherwise)."""
+        with self._reader.connect() as conn:
+            return authenticate_approver(conn, token)
+
+    def approver(self, approver_id: str) -> Approver:
+        """The approver behind a session, as the database has them now (Unauthenticated if revoked)."""
+        with self._reader.connect() as conn:
+            return active_approver(conn, approver_id)
+
+    # --- reads -------------------------------------------------------------------------------------
+
+    def pending(self, approver: Approver) -> list[PendingItem]:
+        """Pending proposals this approver may decide, oldest first; overdue ones are expired on the way."""
+        now = self._clock()
+        with self._reader.connect() as conn:
+            rows = conn.execute(
+                select(proposals)
+                .where(proposals.c.state == PENDING.value)
+                .order_by(proposals.c.created_at)
+                .limit(MAX_LISTED)
+            ).mappings()
+            records = [ProposalRecord.from_row(r) for r in rows]
+            overdue = {r.id for r in records if _expired(r, now)}
+            items = []
+            for record in records:
+                if record.id in overdue:
+                    continue
+                votes = [v for v, _, _ in _votes(conn, record.id)]
+                if quorum.ineligible(approver, _owner(record), record.decision.approval_requirements, votes):
+                    continue
+                action = record.action
+                items.append(
+                    PendingItem(
+                        proposal_id=record.id,
+                        agent_id=record.agent_id,
+                        owner=_owner(record),
+                        tool=action["tool"],
+                        operation=action["operation"],
+                        resource=action["resource"],
+                        created_at=record.created_at,
+                        expires_at=record.decision.approval_expires_at,
+                        seconds_left=_seconds_left(record, now),
+                        requirements=_requirements(record.decision, votes),
+                    )
+                )
+        if overdue:
+            self.expire_due()
+        return items
+
+    def detail(self, approver: Approver, proposal_id: str) -> ProposalDetail:
+        """Everything an approver needs to decide. Any approver may read any proposal; voting is narrower."""
+        now = self._clock()
+        with self._reader.connect() as conn:
+            record = _load(conn, proposal_id)
+        if _expired(record, now):
+            self.expire_due()
+        with self._reader.connect() as conn:
+            record = _load(conn, proposal_id)
+            votes = _votes(conn, proposal_id)
+            timeline = conn.execute(
+                select(audit_events.c.seq, audit_events.c.type, audit_events.c.actor, audit_events.c.body)
+                .where(audit_events.c.proposal_id == proposal_id)
+                .order_by(audit_events.c.seq)
+            ).all()
+        plain = [v for v, _, _ in votes]
+        why_not = ""
+        if record.state is not PENDING:
+            why_not = f"the proposal is {record.state.value}, not pending approval"
+        else:
+            why_not = quorum.ineligible(approver, _owner(record), record.decision.approval_requirements, plain) or ""
+        decision = record.decision
+        return ProposalDetail(
+            proposal_id=record.id,
+            state=record.state.value,
+            agent_id=record.agent_id,
+            owner=_owner(record),
+            action=record.action,
+            justification=record.justification,
+            outcome=decision.outcome.value,
+            boundary=decision.boundary,
+            tier=decision.tier,
+            reasons=tuple(r.to_dict() for r in decision.reasons),
+            policy_version=decision.policy_version,
+            requirements=_requirements(decision, plain),
+            created_at=record.created_at,
+            expires_at=decision.approval_expires_at,
+            seconds_left=_seconds_left(record, now) if record.state is PENDING else 0,
+            approvals=tuple(view for _, view, _ in votes),
+            timeline=tuple(TimelineEntry(t.seq, t.type, t.actor, _occurred_at(t.body)) for t in timeline),
+            can_vote=not why_not,
+            why_not=why_not,
+        )
+
+    # --- votes -------------------------------------------------------------------------------------
+
+    def approve(self, approver: Approver, proposal_id: str, comment: str = "") -> VoteResult:
+        return self._vote(approver, proposal_id, APPROVE, _text("comment", comment, required=False))
+
+    def reject(self, approver: Approver, proposal_id: str, reason: str) -> VoteResult:
+        return self._vote(approver, proposal_id, REJECT, _text("reason", reason, required=True))
+
+    def _vote(self, approver: Approver, proposal_id: str, verdict: str, text: str) -> VoteResult:
+        outcome = self._writer.submit(lambda conn: self._vote_unit(conn, approver.id, proposal_id, verdict, text))
+        result = outcome.result()
+        if isinstance(result, str):  # the proposal expired on this vote: committed, then refused
+            raise FailedPrecondition(result)
+        return result
+
+    def _vote_unit(
+        self, conn: Connection, approver_id: str, proposal_id: str, verdict: str, text: str
+    ) -> VoteResult | str:
+        chain.lock_chain(conn)
+        now = self._clock()
+        approver = active_approver(conn, approver_id)  # revoked since login → 401; groups as of now
+        record = _load(conn, proposal_id, lock=True)
+        if _expired(record, now):
+            expire(conn, record, now)
+            return f"proposal {proposal_id} expired at {record.decision.approval_expires_at}; nothing was recorded"
+        if record.state is not PENDING:
+            raise FailedPrecondition(f"proposal {proposal_id} is {record.state.value}, not pending approval")
+        earlier = _votes(conn, proposal_id)
+        votes = [v for v, _, _ in earlier]
+        requirements = record.decision.approval_requirements
+        why = quorum.ineligible(approver, _owner(record), requirements, votes)
+        if why:
+            raise PermissionDenied(why)
+        groups = sorted(approver.groups)
+        conn.execute(
+            insert(approvals).values(
+                proposal_id=record.id,
+                approver_id=approver.id,
+                verdict=verdict,
+                comment=text,
+                groups=groups,
+                action_digest=record.action_digest,
+                decided_at=now,
+            )
+        )
+        vote = Vote(approver.id, frozenset(groups), verdict)
+        votes.append(vote)
+        state = PENDING
+        if verdict == REJECT:
+            state = ProposalState.REJECTED
+        elif quorum.quorum_met(requirements, votes):
+            # An approval binds to the action its approver saw: all of them must have seen this one.
+            if any(digest != record.action_digest for _, _, digest in earlier):
+                raise FailedPrecondition("the action changed after earlier approvals; it cannot be approved")
+            state = ProposalState.APPROVED
+        self._append_vote(conn, record, approver, verdict, text, groups, now, state)
+        if state is ProposalState.APPROVED:
+            state = self._at_quorum(conn, record, [*earlier, (vote, None, record.action_digest)], now)
+        elif state is ProposalState.REJECTED:
+            self._set_state(conn, record.id, state, now)
+        views = [view for _, view, _ in earlier] + [ApprovalView(approver.id, verdict, text, now)]
+        return VoteResult(record.id, state.value, _requirements(record.decision, votes), tuple(views))
+
+    def _append_vote(
+        self,
+        conn: Connection,
+        record: ProposalRecord,
+        approver: Approver,
+        verdict: str,
+        text: str,
+        groups: list[str],
+        now: datetime,
+        state: ProposalState,
+    ) -> None:
+        data: dict[str, Any] = {
+            "verdict": verdict,
+            "comment": text,
+            "action_digest": record.action_digest,
+            "groups": groups,
+        }
+        if state is ProposalState.REJECTED:
+            data.update(from_state=PENDING.value, to_state=state.value)
+        chain.append(
+            conn,
+            Event(
+                type="approval.granted" if verdict == APPROVE else "approval.rejected",
+                actor=f"approver:{approver.id}",
+                occurred_at=now,
+                proposal_id=record.id,
+                agent_id=record.agent_id,
+                policy_version=record.decision.policy_version,
+                data=data,
+            ),
+        )
+
+    def _at_quorum(
+        self, conn: Connection, record: ProposalRecord, votes: list[tuple[Vote, Any, str]], now: datetime
+    ) -> ProposalState:
+        """Re-decide with the current bundle: deny wins (→ DENIED); anything else → APPROVED with a ticket."""
+        bundle = self._bundles.current
+        decision = decide(bundle, self._redecision_input(record, now))
+        approved = [
+            {"approver_id": v.approver_id, "groups": sorted(v.groups), "verdict": v.verdict}
+            for v, _, _ in votes
+            if v.verdict == APPROVE
+        ]
+        event = Event(
+            type="proposal.approved",
+            actor="pdp",
+            occurred_at=now,
+            proposal_id=record.id,
+            agent_id=record.agent_id,
+            policy_version=decision.policy_version,
+            data={"from_state": PENDING.value, "approvals": approved, "redecision": decision.to_dict()},
+        )
+        if decision.outcome is Outcome.DENY:
+            conn.execute(
+                update(proposals)
+                .where(proposals.c.id == record.id)
+                .values(
+                    state=ProposalState.DENIED.value,
+                    outcome=decision.outcome.value,
+                    decision=decision.to_dict(),
+                    policy_version=decision.policy_version,
+                    updated_at=now,
+                )
+            )
+            event = Event(
+                type="proposal.denied",
+                actor="pdp",
+                occurred_at=now,
+                proposal_id=record.id,
+                agent_id=record.agent_id,
+                policy_version=decision.policy_version,
+                data={
+                    "from_state": PENDING.value,
+                    "to_state": ProposalState.DENIED.value,
+                    "why": "re-evaluated at quorum against the current policy, which denies it",
+                    "approvals": approved,
+                    "redecision": decision.to_dict(),
+                },
+            )
+            chain.append(conn, event)
+            return ProposalState.DENIED
+        ticket = tickets.issue(
+            self._key,
+            proposal_id=record.id,
+            action_digest=record.action_digest,
+            outcome="approved",
+            approvals=approved,
+            policy_version=decision.policy_version,
+            issued_at=now,
+            ttl=self._ticket_ttl,
+        )
+        insert_ticket(conn, ticket)
+        self._set_state(conn, record.id, ProposalState.APPROVED, now)
+        event.data.update(to_state=ProposalState.APPROVED.value, ticket=ticket.audit())
+        chain.append(conn, event)
+        return ProposalState.APPROVED
+
+    def _redecision_input(self, record: ProposalRecord, now: datetime) -> DecisionInput:
+        agent = record.decision_input.get("agent", {})
+        action = record.action
+        return DecisionInput(
+            agent=AgentIdentity(
+                agent.get("id", record.agent_id),
+                agent.get("owner", ""),
+                tuple(agent.get("roles", ())),
+                dict(agent.get("labels", {})),
+            ),
+            action=ActionInput(
+                tool=action["tool"],
+                operation=action["operation"],
+                resource=action["resource"],
+                params=action.get("params") or {},
+                estimated_cost_usd=float(action.get("estimated_cost_usd", 0.0)),
+                labels=action.get("labels") or {},
+            ),
+            now=now,
+            environment=self._environment,
+        )
+
+    @staticmethod
+    def _set_state(conn: Connection, proposal_id: str, state: ProposalState, now: datetime) -> None:
+        conn.execute(update(proposals).where(proposals.c.id == proposal_id).values(state=state.value, updated_at=now))
+
+    # --- expiry ------------------------------------------------------------------------------------
+
+    def expire_due(self) -> int:
+        """Expire every pending proposal past its deadline (the sweeper; also called on reads)."""
+        now = self._clock()
+        with self._reader.connect() as conn:
+            due = (
+                conn.execute(
+                    select(proposals.c.id)
+                    .where(proposals.c.state == PENDING.value, proposals.c.approval_expires_at <= now)
+                    .limit(1000)
+                )
+                .scalars()
+                .all()
+            )
+        if not due:
+            return 0
+
+        def unit(conn: Connection) -> int:
+            chain.lock_chain(conn)  # the lock order of every writer: chain, then proposal rows
+            changed = 0
+            for proposal_id in due:
+                record = _load(conn, proposal_id, lock=True)
+                if _expired(record, now):
+                    changed += expire(conn, record, now)
+            return changed
+
+        return self._writer.submit(unit).result()
+
+
+def _text(field: str, value: str, *, required: bool) -> str:
+    value = value.strip()
+    if required and not value:
+        raise InvalidArgument(field, "is required")
+    if len(value) > MAX_TEXT:
+        raise InvalidArgument(field, f"is longer than {MAX_TEXT} characters")
+    if "\x00" in value:
+        raise InvalidArgument(field, "contains a NUL character")
+    return value
+
+
+def _occurred_at(body: str) -> str:
+    try:
+        return str(json.loads(body).get("occurred_at", ""))
+    except ValueError:
+        return ""
