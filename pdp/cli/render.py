@@ -30,6 +30,9 @@ def print_proposal(proposal: pdp_pb2.Proposal) -> None:
     action = proposal.action
     print(f"action:         {action.tool} {action.operation} {action.resource}")
     print_decision(proposal.decision)
+    for vote in proposal.approvals:
+        comment = f": {vote.comment}" if vote.comment else ""
+        print(f"vote:           {vote.approver_id} {vote.verdict}s{comment}")
     if proposal.HasField("execution"):
         print_execution(proposal.execution)
 
