@@ -69,6 +69,7 @@ def write_world(workdir: Path, target_url: str, database_url: str, token_file: P
                 "policy_dir": str(bundle),
                 "worker_id": worker,
                 "concurrency": 16,
+                "metrics_addr": "127.0.0.1:0",  # several executors on one host
                 "tools": {"web": {"headers": {"Authorization": {"file": str(token_file), "template": "Bearer {}"}}}},
             }
         )

@@ -12,11 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pdp.observability.exposition import split_address
 from pdp.policy.duration import parse_duration
 
 # Settings the executor shares with `pdp serve`: same variables, so one environment configures both.
@@ -24,6 +25,8 @@ OVERRIDES = {
     "database_url": ("--database-url", "PDP_DATABASE_URL"),
     "policy_dir": ("--policy-dir", "PDP_POLICY_DIR"),
     "public_key": ("--public-key", "PDP_PUBLIC_KEY"),
+    "log_format": ("--log-format", "PDP_LOG_FORMAT"),
+    "otlp_endpoint": ("--otlp-endpoint", "PDP_OTLP_ENDPOINT"),
 }
 
 
@@ -63,11 +66,21 @@ class FileConfig(BaseModel):
     breaker: BreakerSettings = BreakerSettings()
     breakers: dict[str, BreakerSettings] = {}  # per-tool overrides of `breaker`
     tools: dict[str, dict[str, Any]] = {}  # tool name -> its connector's section
+    metrics_addr: str = "127.0.0.1:9464"  # Prometheus /metrics; "" turns it off, port 0 picks a free one
+    log_format: Literal["json", "text"] = "json"
+    otlp_endpoint: str = ""  # OTLP/HTTP collector for traces; none: spans are not exported
 
     @field_validator("poll_interval", "lease", "retry_backoff")
     @classmethod
     def _durations(cls, value: str) -> str:
         return _duration(value)
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if value:
+            split_address(value)
+        return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +97,9 @@ class Settings:
     breaker: BreakerSettings
     breakers: Mapping[str, BreakerSettings]
     tools: Mapping[str, Mapping[str, Any]]
+    metrics_addr: str = "127.0.0.1:9464"
+    log_format: str = "json"
+    otlp_endpoint: str = ""
 
     def breaker_for(self, tool: str) -> BreakerSettings:
         return self.breakers.get(tool, self.breaker)
@@ -130,4 +146,7 @@ def load(
         breaker=parsed.breaker,
         breakers=parsed.breakers,
         tools=parsed.tools,
+        metrics_addr=parsed.metrics_addr,
+        log_format=parsed.log_format,
+        otlp_endpoint=parsed.otlp_endpoint,
     )

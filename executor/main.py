@@ -20,6 +20,7 @@ from executor.logs import configure_logging
 from executor.redaction import Redactor
 from executor.worker import Executor
 from pdp.audit.keys import KeyFileError, load_public
+from pdp.observability import tracing
 from pdp.policy.catalog import Tool
 from pdp.policy.loader import BundleError, load_bundle
 from pdp.store.database import create_db_engine
@@ -95,14 +96,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, StartupError) as exc:
         print(f"pdp-executor: {exc}", file=sys.stderr)
         return 2
-    configure_logging(executor.redactor)
+    configure_logging(executor.redactor, json=settings.log_format == "json")
+    tracing.configure(service_name="pdp-executor", endpoint=settings.otlp_endpoint)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    executor.start()
+    try:
+        executor.start()
+    except (OSError, ValueError) as exc:
+        print(f"pdp-executor: cannot serve metrics on {settings.metrics_addr}: {exc}", file=sys.stderr)
+        executor.stop()
+        return 2
     served = ", ".join(sorted(settings.tools)) or "none"
     url = make_url(settings.database_url).render_as_string(hide_password=True)
-    print(f"pdp-executor: worker {executor.worker_id} executing tools [{served}], database {url}", flush=True)
+    metrics = f", metrics on http://{settings.metrics_addr.rsplit(':', 1)[0]}:{executor.metrics_port}/metrics"
+    print(
+        f"pdp-executor: worker {executor.worker_id} executing tools [{served}], database {url}"
+        + (metrics if executor.metrics_port is not None else ""),
+        flush=True,
+    )
     stop.wait()
     print("pdp-executor: stopping; letting calls in flight finish", flush=True)
     executor.stop()

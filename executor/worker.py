@@ -30,6 +30,9 @@ from executor.config import Settings
 from executor.connectors.base import Call, Connector, ConnectorError, ConnectorTimeout
 from executor.redaction import Redactor
 from pdp.canonical import canonical_json
+from pdp.observability import logs, metrics, tracing
+from pdp.observability.collectors import ExecutorState
+from pdp.observability.exposition import MetricsServer
 from pdp.policy.catalog import Tool
 from pdp.proposals.states import ProposalState
 from pdp.store.models import executions, proposals
@@ -90,10 +93,21 @@ class Executor:
         self._stopping = threading.Event()  # claim nothing more
         self._stopped = threading.Event()  # every call in flight has been recorded
         self._threads: list[threading.Thread] = []
+        # What /metrics serves: the process's executor series and this executor's scrape-time gauges.
+        self.metrics = metrics.registry(metrics.EXECUTOR, [ExecutorState(reader, self.busy, clock)])
+        self._metrics_server: MetricsServer | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
+    @property
+    def metrics_port(self) -> int | None:
+        """The port /metrics is served on (useful with port 0), None when it is off or not started."""
+        return self._metrics_server.port if self._metrics_server is not None else None
+
     def start(self) -> None:
+        """Serve /metrics (OSError or ValueError if its address cannot be had), then start claiming work."""
+        if self._settings.metrics_addr:
+            self._metrics_server = MetricsServer.start(self._settings.metrics_addr, self.metrics)
         for target, name in ((self._loop, "executor-claims"), (self._heartbeat, "executor-leases")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -112,6 +126,8 @@ class Executor:
         self._writes.close()
         for connector in self._connectors.values():
             connector.close()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
 
     def busy(self) -> int:
         with self._lock:
@@ -227,21 +243,26 @@ class Executor:
 
     def _run(self, job: Job) -> None:
         started = time.perf_counter()
+        tool = job.tool.name
         try:
-            outcome = self._call(job)
-            self._record(job, outcome)
-            log.info(
-                "execution %s in %.1f ms",
-                "succeeded" if outcome.ok else "failed",
-                (time.perf_counter() - started) * 1000,
-                extra={"proposal_id": job.proposal_id, "agent_id": job.agent_id, "tool": job.tool.name},
-            )
+            with (
+                logs.context(proposal_id=job.proposal_id, agent_id=job.agent_id, tool=tool),
+                tracing.execute_span(job.proposal_id, tool, job.agent_id) as span,
+            ):
+                outcome = self._call(job)
+                recorded = self._record(job, outcome)
+                status = ("succeeded" if outcome.ok else "failed") if recorded else "unrecorded"
+                span.set_attribute("pdp.status", status)
+                seconds = time.perf_counter() - started
+                metrics.executed(tool, status, seconds)
+                log.info("execution %s in %.1f ms", status, seconds * 1000)
         finally:
             with self._lock:
                 self._inflight.discard(job.proposal_id)
             self._wake.set()
 
-    def _record(self, job: Job, outcome: Outcome) -> None:
+    def _record(self, job: Job, outcome: Outcome) -> bool:
+        """Record the outcome, retrying a failing database; False when it gave up (recovery takes over)."""
         breaker = self._settings.breaker_for(job.tool.name)
         for attempt in range(FINISH_RETRIES):
             try:
@@ -250,9 +271,10 @@ class Executor:
                         conn, job, outcome, now=self._clock(), lease=self._lease, breaker=breaker
                     )
                 )
-                return
+                return True
             except SQLAlchemyError:
                 log.exception("cannot record the outcome of %s (try %d)", job.proposal_id, attempt + 1)
                 time.sleep(min(2.0**attempt * 0.2, 5.0))
         # The lease will lapse and recovery will mark the job UNKNOWN (or retry an idempotent tool).
         log.error("giving up recording the outcome of %s; recovery will take it over", job.proposal_id)
+        return False

@@ -19,6 +19,13 @@ class Setting:
 SETTINGS = (
     Setting("database_url", "--database-url", "PDP_DATABASE_URL", "sqlite:///pdp.db", "database URL"),
     Setting("policy_dir", "--policy-dir", "PDP_POLICY_DIR", "policies", "policy bundle directory"),
+    Setting(
+        "policy_reload",
+        "--policy-reload",
+        "PDP_POLICY_RELOAD",
+        "watch",
+        "hot reload of the policy bundle: watch (the directory, and on SIGHUP), sighup (only on SIGHUP) or off",
+    ),
     Setting("grpc_addr", "--grpc-addr", "PDP_GRPC_ADDR", "127.0.0.1:50051", "agent gRPC listen address"),
     Setting("admin_addr", "--admin-addr", "PDP_ADMIN_ADDR", "127.0.0.1:8181", "admin HTTP listen address"),
     Setting(
@@ -65,6 +72,14 @@ SETTINGS = (
         "",
         "public base URL of the admin endpoint, used in notification links (default http://<admin addr>)",
     ),
+    Setting("log_format", "--log-format", "PDP_LOG_FORMAT", "json", "log lines: json (one object per line) or text"),
+    Setting(
+        "otlp_endpoint",
+        "--otlp-endpoint",
+        "PDP_OTLP_ENDPOINT",
+        "",
+        "OTLP/HTTP collector that receives traces, e.g. http://127.0.0.1:4318 (default: traces are not exported)",
+    ),
 )
 
 
@@ -82,6 +97,9 @@ class Config:
     ticket_ttl: str = "10m"
     approval_webhooks: str = ""
     admin_url: str = ""
+    log_format: str = "json"
+    otlp_endpoint: str = ""
+    policy_reload: str = "watch"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:

@@ -209,6 +209,7 @@ def executor_config(
         "public_key": str(public_path(signing_key)),
         "policy_dir": str(policy_dir),
         "poll_interval": "20ms",
+        "metrics_addr": "127.0.0.1:0",  # several executors run at once
         "tools": tools,
         **settings,
     }

@@ -296,6 +296,7 @@ def test_openapi_documents_the_api(admin: Admin) -> None:
         "/api/v1/proposals/{id}",
         "/api/v1/proposals/{id}/approve",
         "/api/v1/proposals/{id}/reject",
+        "/api/v1/agents/{agent_id}/release",
     }
     assert set(paths["/api/v1/proposals"]["get"]["responses"]) == {"200", "401", "422"}
     assert set(paths["/api/v1/proposals/{id}"]["get"]["responses"]) == {"200", "401", "404", "422"}

@@ -66,8 +66,13 @@ class Admin:
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
+    proposed: int = 0
+
     def pending_proposal(self) -> str:
         """A new proposal lead-1 may decide alone: critical priority needs one approval from ops-oncall."""
+        self.proposed += 1
+        if self.proposed % 100 == 0:  # a fresh agent now and then: the example bundle rate-limits ticket writes
+            self.agent = self.server.agent_client(("support",))[1]
         response = self.agent.propose(
             "tickets", "POST", TICKETS, "the customer reports an outage", params={"priority": "critical"}
         )

@@ -11,7 +11,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -206,7 +206,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         401: "missing, unknown or revoked approver token",
         403: "not eligible to decide this proposal",
         404: "no such proposal",
-        409: "the proposal is no longer pending approval",
+        409: "no longer pending approval (for a release: the agent is not quarantined)",
         422: "malformed request; `field` names the culprit",
     }
     responses: dict[int | str, dict[str, Any]] = {
@@ -286,3 +286,17 @@ def approve(
 def reject(id: str, approver: ApproverDep, service: ServiceDep, body: RejectBody) -> Vote:
     """Reject, with a reason that goes back to the agent. One eligible rejection rejects the proposal."""
     return Vote.of(service.reject(approver, proposal_id(id), body.reason))
+
+
+@router.post(
+    "/agents/{agent_id}/release",
+    status_code=204,
+    responses=_errors(401, 404, 409, 422),
+    tags=["governance"],
+)
+def release(agent_id: str, approver: ApproverDep, service: ServiceDep) -> Response:
+    """Lift an agent's retry-storm quarantine (409 when it is not quarantined). Audited as `agent.released`."""
+    if not agent_id or len(agent_id) > 200:
+        raise NotFound(f"agent {agent_id!r} does not exist")
+    service.release_agent(approver, agent_id)
+    return Response(status_code=204)

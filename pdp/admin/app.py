@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -32,6 +33,8 @@ from pdp.errors import (
     Unauthenticated,
     Unavailable,
 )
+from pdp.observability import exposition
+from pdp.observability import metrics as observed
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +153,14 @@ def _install_handlers(app: FastAPI) -> None:
 
 
 def create_app(
-    service: ApprovalService, *, session_key: bytes, health: Callable[[], dict[str, Any]], cookie_secure: bool = False
+    service: ApprovalService,
+    *,
+    session_key: bytes,
+    health: Callable[[], dict[str, Any]],
+    cookie_secure: bool = False,
+    metrics: CollectorRegistry | None = None,
 ) -> FastAPI:
+    """``metrics``: what ``GET /metrics`` serves (the server's registry; by default the process-wide series)."""
     # No /docs or /redoc: Swagger UI loads its assets from a CDN, which the CSP (rightly) refuses.
     app = FastAPI(title="agent-pdp admin", version="1", docs_url=None, redoc_url=None)
     app.state.approvals = service
@@ -163,6 +172,14 @@ def create_app(
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, Any]:
         return health()
+
+    registry = metrics if metrics is not None else observed.registry(observed.PDP)
+
+    # Sync on purpose: scrape-time gauges query the database, so this runs on the thread pool. For Prometheus,
+    # not people: unauthenticated like /healthz (the admin port is local unless configured otherwise).
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(exposition.render(registry), media_type=exposition.CONTENT_TYPE)
 
     app.include_router(api.router)
     app.include_router(pages.router)

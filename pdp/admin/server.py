@@ -39,7 +39,10 @@ class AdminServer:
     def __init__(self, app: FastAPI, sock: socket.socket) -> None:
         self._sock = sock
         self.port: int = sock.getsockname()[1]
-        config = uvicorn.Config(app, lifespan="off", access_log=False, log_level="warning", timeout_graceful_shutdown=5)
+        # log_config=None: uvicorn's lines go through the root handler (JSON, like every other line of `pdp serve`).
+        config = uvicorn.Config(
+            app, lifespan="off", access_log=False, log_level="warning", log_config=None, timeout_graceful_shutdown=5
+        )
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None
 

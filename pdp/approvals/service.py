@@ -13,6 +13,7 @@ completing a quorum at the same instant produce exactly one transition and one t
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -28,7 +29,10 @@ from pdp.audit.chain import Event
 from pdp.canonical import timestamp
 from pdp.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from pdp.execution import tickets
+from pdp.governance import limits
+from pdp.governance.release import release_agent
 from pdp.identity.approvers import Approver, active_approver, authenticate_approver
+from pdp.observability import logs, metrics, tracing
 from pdp.policy.bundle import ActiveBundle
 from pdp.policy.decision import Decision, Outcome
 from pdp.policy.engine import ActionInput, AgentIdentity, DecisionInput, decide
@@ -36,6 +40,8 @@ from pdp.proposals.states import ProposalState
 from pdp.store.models import approvals, audit_events, proposals
 from pdp.store.proposals import ProposalRecord, get_proposal_for_update, insert_ticket
 from pdp.store.writer import GroupCommitWriter
+
+log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 MAX_TEXT = 4096
@@ -315,11 +321,25 @@ class ApprovalService:
         return self._vote(approver, proposal_id, REJECT, _text("reason", reason, required=True))
 
     def _vote(self, approver: Approver, proposal_id: str, verdict: str, text: str) -> VoteResult:
-        outcome = self._writer.submit(lambda conn: self._vote_unit(conn, approver.id, proposal_id, verdict, text))
-        result = outcome.result()
-        if isinstance(result, str):  # the proposal expired on this vote: committed, then refused
-            raise FailedPrecondition(result)
-        return result
+        with tracing.vote_span(proposal_id, verdict, approver.id) as span, logs.context(proposal_id=proposal_id):
+            outcome = self._writer.submit(lambda conn: self._vote_unit(conn, approver.id, proposal_id, verdict, text))
+            result = outcome.result()
+            if isinstance(result, str):  # the proposal expired on this vote: committed, then refused
+                span.set_attribute("pdp.state", ProposalState.EXPIRED.value)
+                self._observe_final(proposal_id, ProposalState.EXPIRED.value)
+                raise FailedPrecondition(result)
+            span.set_attribute("pdp.state", result.state)
+            log.info("%s by %s: the proposal is %s", verdict, approver.id, result.state)
+            if result.state != PENDING.value:
+                self._observe_final(proposal_id, result.state)
+            return result
+
+    def _observe_final(self, proposal_id: str, state: str) -> None:
+        """Approval latency, once a vote ended the wait (committed; one indexed read, votes are rare)."""
+        with self._reader.connect() as conn:
+            created_at = conn.execute(select(proposals.c.created_at).where(proposals.c.id == proposal_id)).scalar()
+        if created_at is not None:
+            metrics.approval_finished(state.lower(), (self._clock() - created_at).total_seconds())
 
     def _vote_unit(
         self, conn: Connection, approver_id: str, proposal_id: str, verdict: str, text: str
@@ -406,7 +426,8 @@ class ApprovalService:
     ) -> ProposalState:
         """Re-decide with the current bundle: deny wins (→ DENIED); anything else → APPROVED with a ticket."""
         bundle = self._bundles.current
-        decision = decide(bundle, self._redecision_input(record, now))
+        request = self._redecision_input(record, now)
+        decision = decide(bundle, request)
         approved = [
             {"approver_id": v.approver_id, "groups": sorted(v.groups), "verdict": v.verdict}
             for v, _, _ in votes
@@ -462,6 +483,9 @@ class ApprovalService:
         )
         insert_ticket(conn, ticket)
         self._set_state(conn, record.id, ProposalState.APPROVED, now)
+        # Approved spend counts against today's budgets (DESIGN §8); a rejected or expired one never does.
+        charged = limits.charge_approved(conn, bundle, request)
+        conn.execute(update(proposals).where(proposals.c.id == record.id).values(charged_usd=charged))
         event.data.update(to_state=ProposalState.APPROVED.value, ticket=ticket.audit())
         chain.append(conn, event)
         return ProposalState.APPROVED
@@ -492,6 +516,14 @@ class ApprovalService:
     def _set_state(conn: Connection, proposal_id: str, state: ProposalState, now: datetime) -> None:
         conn.execute(update(proposals).where(proposals.c.id == proposal_id).values(state=state.value, updated_at=now))
 
+    # --- quarantines -------------------------------------------------------------------------------
+
+    def release_agent(self, approver: Approver, agent_id: str) -> None:
+        """Lift a retry-storm quarantine; any active approver may (it is audited with their id)."""
+        self._writer.submit(
+            lambda conn: release_agent(conn, agent_id, f"approver:{approver.id}", self._clock())
+        ).result()
+
     # --- expiry ------------------------------------------------------------------------------------
 
     def expire_due(self) -> int:
@@ -510,16 +542,20 @@ class ApprovalService:
         if not due:
             return 0
 
+        created: list[datetime] = []
+
         def unit(conn: Connection) -> int:
             chain.lock_chain(conn)  # the lock order of every writer: chain, then proposal rows
-            changed = 0
             for proposal_id in due:
                 record = _load(conn, proposal_id, lock=True)
-                if _expired(record, now):
-                    changed += expire(conn, record, now)
-            return changed
+                if _expired(record, now) and expire(conn, record, now):
+                    created.append(record.created_at)
+            return len(created)
 
-        return self._writer.submit(unit).result()
+        changed = self._writer.submit(unit).result()
+        for created_at in created:  # committed: now they count
+            metrics.approval_finished("expired", (now - created_at).total_seconds())
+        return changed
 
 
 def _text(field: str, value: str, *, required: bool) -> str:

@@ -18,6 +18,14 @@ Execution (recorded by the executor; ``data`` always has ``tool``, ``resource`` 
     execution.late_result   a worker finished after its lease lapsed; the result is kept here for reconciliation
     circuit.opened          a tool's breaker opened after consecutive failures (``until``)
     circuit.closed          a trial execution succeeded and closed the breaker
+
+Policy hot reload (recorded by ``pdp serve``; actor ``pdp``; ``data.reason`` is what triggered it, "watch" or
+"sighup"; ``data.bundle_dir`` is the directory reloaded):
+
+    policy.activated    a new bundle loaded, type-checked and passed its own PolicyTests and now decides;
+                        previous_policy_version, policy_version (also the event's policy_version)
+    policy.refused      a new bundle did not load or failed a test: ``error`` lists every problem, one per line,
+                        each starting with file:line; kept_policy_version (also the event's policy_version)
 """
 
 from __future__ import annotations

@@ -40,6 +40,9 @@ def create_roles(engine: Engine, writer: str, auditor: str) -> None:
         # executor, which connects as a member of the same role. Tickets are never changed.
         f"GRANT SELECT, INSERT ON execution_tickets TO {writer}",
         f"GRANT SELECT, INSERT, UPDATE ON executions, circuit_breakers TO {writer}",
+        # Governance: counters and quarantines (old counter windows are pruned).
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON limit_counters TO {writer}",
+        f"GRANT SELECT, INSERT, UPDATE ON quarantines TO {writer}",
         # Auditors: the audit log and its views, nothing else, read-only.
         f"GRANT SELECT ON {audit}, {', '.join(AUDIT_VIEWS)} TO {auditor}",
     ]

@@ -1,15 +1,17 @@
-"""`pdp agents add|list|revoke|ensure-dev`."""
+"""`pdp agents add|list|revoke|release|ensure-dev`."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pdp.config import add_arguments, from_args
 from pdp.errors import PdpError
+from pdp.governance.release import release_agent
 from pdp.identity.agents import add_agent, list_agents, revoke_agent
 from pdp.store.database import create_db_engine
 
@@ -53,6 +55,12 @@ def register(commands: Any) -> None:
     add_arguments(revoke, ("database_url",))
     revoke.set_defaults(handler=run_revoke)
 
+    release = sub.add_parser("release", help="lift an agent's retry-storm quarantine (audited)")
+    release.add_argument("id")
+    release.add_argument("--by", default="", help="who releases it, for the audit log (default: the OS user)")
+    add_arguments(release, ("database_url",))
+    release.set_defaults(handler=run_release)
+
     dev = sub.add_parser(
         "ensure-dev", help=f"create {DEV_AGENT[0]!r} if missing and store its token in {DEV_TOKEN_FILE}"
     )
@@ -91,6 +99,21 @@ def run_revoke(args: argparse.Namespace) -> int:
         print(f"pdp agents revoke: {exc.message}", file=sys.stderr)
         return 1
     print(f"agent {args.id} revoked")
+    return 0
+
+
+def run_release(args: argparse.Namespace) -> int:
+    by = args.by or os.environ.get("USER") or "unknown"
+    engine = create_db_engine(from_args(args).database_url, writer=True, pool_size=1)
+    try:
+        with engine.begin() as conn:
+            release_agent(conn, args.id, f"cli:{by}", datetime.now(UTC))
+    except PdpError as exc:
+        print(f"pdp agents release: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    print(f"agent {args.id} released from quarantine")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""`pdp policy check|test|eval`: what a security team runs before merging a policy change."""
+"""`pdp policy check|test|eval|replay`: what a security team runs before merging a policy change."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,15 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from pdp.cli.render import print_decision
+from pdp.config import add_arguments, from_args
 from pdp.identity.approvers import list_approvers
 from pdp.policy.bundle import Approval, PolicyBundle
-from pdp.policy.decision import Decision
+from pdp.policy.decision import Decision, Outcome
 from pdp.policy.documents import TestInput
+from pdp.policy.duration import parse_duration
 from pdp.policy.engine import decide
 from pdp.policy.loader import BundleError, load_bundle
+from pdp.policy.replay import OUTCOMES, ReplayReport, decided_events, replay
 from pdp.policy.testing import decision_input, run_tests
 from pdp.server.convert import decision_message
 from pdp.store.database import create_db_engine, is_sqlite
@@ -50,6 +54,21 @@ def register(commands: Any) -> None:
     ev.add_argument("--input", required=True, type=Path, help="JSON {agent, action, context?, usage?}")
     ev.add_argument("--json", action="store_true", help="print the decision as JSON")
     ev.set_defaults(handler=run_eval)
+
+    rp = sub.add_parser(
+        "replay",
+        help="re-decide recorded proposals with a candidate bundle and show what would change",
+    )
+    rp.add_argument("--candidate", required=True, type=Path, metavar="DIR", help="the candidate bundle directory")
+    rp.add_argument(
+        "--since", default=None, metavar="DURATION", help="only proposals recorded in the last DURATION (e.g. 7d, 12h)"
+    )
+    rp.add_argument("--limit", type=int, default=50, metavar="N", help="list at most N changes (0: all; default 50)")
+    rp.add_argument("--format", choices=["text", "json"], default="text", help="json: one JSON document")
+    rp.add_argument("--fail-on-flip", action="store_true", help="exit 1 when any allow becomes deny or deny allow")
+    rp.add_argument("--fail-on-any-change", action="store_true", help="exit 1 when any outcome changes")
+    add_arguments(rp, ("database_url",))
+    rp.set_defaults(handler=run_replay)
 
 
 def _load(directory: Path, command: str) -> PolicyBundle | None:
@@ -173,3 +192,88 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         print_decision(decision_message(decision))
     return 0
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    """Exit 0, or 1 for what --fail-on-flip / --fail-on-any-change forbid; 2 when the replay cannot run."""
+    if args.limit < 0:
+        print("pdp policy replay: --limit must be 0 or more", file=sys.stderr)
+        return 2
+    since = None
+    if args.since:
+        try:
+            since = datetime.now(UTC) - parse_duration(args.since)
+        except ValueError as exc:
+            print(f"pdp policy replay: --since: {exc}", file=sys.stderr)
+            return 2
+    bundle = _load(args.candidate, "replay")
+    if bundle is None:
+        return 2
+    database_url = from_args(args).database_url
+    # SQLite would create a missing file on connect: a typo must not replay an empty, new database.
+    if is_sqlite(database_url) and not Path(make_url(database_url).database or "").is_file():
+        print(f"pdp policy replay: database {database_url} does not exist", file=sys.stderr)
+        return 2
+    engine = create_db_engine(database_url)
+    try:
+        report = replay(bundle, decided_events(engine, since))
+    except SQLAlchemyError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"pdp policy replay: could not read the audit log: {reason}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    limit = args.limit or None
+    if args.format == "json":
+        document = {"candidate": str(args.candidate), "since": args.since, **report.to_dict(limit)}
+        print(json.dumps(document, indent=2, ensure_ascii=False))
+    else:
+        _print_replay(report, args.candidate, args.since, limit)
+    if report.failed(on_flip=args.fail_on_flip, on_any_change=args.fail_on_any_change):
+        what = f"{len(report.flips)} allow<->deny flip(s)" if report.flips else f"{len(report.changes)} change(s)"
+        print(f"pdp policy replay: {what} in recorded traffic", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_replay(report: ReplayReport, candidate: Path, since: str | None, limit: int | None) -> None:
+    def ts(value: datetime | None) -> str:
+        return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else "-"
+
+    window = f"in the last {since}" if since else "all recorded"
+    print(f"candidate:  {candidate} ({report.candidate_version})")
+    print(f"replayed:   {report.replayed} proposals ({window}, {ts(report.first_at)} .. {ts(report.last_at)})")
+    print(f"compared:   {report.compared}")
+    if report.runtime_decided:
+        print(f"skipped:    {report.runtime_decided} decided by runtime state (breaker/limit): not compared")
+    if report.unreadable:
+        print(f"skipped:    {report.unreadable} unreadable proposal.decided events")
+    for version, count in sorted(report.recorded_versions.items()):
+        print(f"recorded:   {count} decided by {version}")
+    if report.identical:
+        print("note:       the candidate has the same content as the bundle that decided every compared proposal")
+    elif report.same_content:
+        print(f"note:       {report.same_content} compared proposals were decided by a bundle with the same content")
+    print()
+    print(f"{'RECORDED':<16}{'CANDIDATE':<16}{'PROPOSALS':>9}")
+    for old in OUTCOMES:
+        for new in OUTCOMES:
+            count = report.counts[old, new]
+            if count:
+                mark = "" if old is new else ("  flip" if {old, new} == {Outcome.ALLOW, Outcome.DENY} else "  changed")
+                print(f"{old.value:<16}{new.value:<16}{count:>9}{mark}")
+    print()
+    if not report.changes:
+        print("no proposal would be decided differently")
+        return
+    print(f"{len(report.changes)} would change ({len(report.flips)} allow<->deny flips), oldest first:")
+    shown = report.changes if limit is None else report.changes[:limit]
+    for change in shown:
+        print(
+            f"  {ts(change.occurred_at)}  {change.proposal_id}  {change.agent_id}  "
+            f"{change.tool} {change.operation} {change.resource}  {change.old.value} -> {change.new.value}"
+        )
+        for reason in change.reasons:
+            print(f"      - {reason.rule_id} ({reason.effect.value}): {reason.message}")
+    if len(shown) < len(report.changes):
+        print(f"  ... and {len(report.changes) - len(shown)} more (--limit 0 lists all)")

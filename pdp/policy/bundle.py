@@ -5,7 +5,6 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
 
 from pdp.policy.catalog import Tool
 from pdp.policy.cel import CelProgram, Environment
@@ -53,6 +52,28 @@ class PolicyTestCase:
     location: Location
 
 
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """A governance limit (kind: Limits), applied after rules and boundaries; see pdp/governance/limits.py."""
+
+    id: str
+    kind: str  # rate | budget | retry_storm
+    scope: str  # agent | agent+tool | tool | key
+    key: CelProgram | None  # the CEL scope key when scope == "key"
+    tools: tuple[str, ...] | None
+    count: int = 0  # rate: proposals per window
+    window: timedelta = timedelta(0)  # rate window; retry storm window
+    budget_usd: float = 0.0
+    on_exceed: Outcome = Outcome.DENY
+    approval: Approval | None = None
+    repeats: int = 0  # retry storm: identical denied proposals that quarantine the agent
+    quarantine: timedelta = timedelta(0)
+    location: Location | None = None
+
+    def applies_to(self, tool: str) -> bool:
+        return self.tools is None or any(fnmatch.fnmatchcase(tool, pattern) for pattern in self.tools)
+
+
 @dataclass(frozen=True)
 class PolicyBundle:
     name: str
@@ -63,12 +84,14 @@ class PolicyBundle:
     boundaries: tuple[Boundary, ...]
     rules: tuple[Rule, ...]
     tests: tuple[PolicyTestCase, ...]
-    limits: tuple[dict[str, Any], ...]
+    limits: tuple[Limit, ...]
     digest: str
     git_commit: str | None
     # Content digest, plus the git commit when the bundle is a checkout: "sha256:<16 hex>+git.<12 hex>".
     policy_version: str
     environment: Environment = field(repr=False)
+    # Whether any expression reads `usage`: only then does the server compute it for each proposal.
+    uses_usage: bool = False
     # tool name -> the rules that apply to it; filled once per tool so decisions do not scan
     # rules written for other tools. Tool names come from the catalog, so this stays bounded.
     _rule_index: dict[str, tuple[Rule, ...]] = field(default_factory=dict, repr=False)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from pdp.policy.duration import parse_duration
 
@@ -90,11 +90,77 @@ class ToolsDoc(_Doc):
     tools: list[ToolSpec]
 
 
-class LimitsDoc(_Doc):
-    """Parsed so bundles that carry limits load; enforced by the governance layer."""
+class RetryStormSpec(_Strict):
+    repeats: int = Field(ge=1, le=1000)
+    window: str = "10m"
+    quarantine: str = "15m"
 
+    @field_validator("window", "quarantine")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+
+class ScopeKeySpec(_Strict):
+    key: Expression  # CEL string: limits are counted per distinct value
+
+
+class LimitSpec(_Strict):
+    id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")]
+    description: str = ""
+    scope: Literal["agent", "agent+tool", "tool"] | ScopeKeySpec = "agent"
+    tools: list[Name] | None = Field(default=None, min_length=1)
+    rate: str | None = None  # "N/window": N proposals per fixed window
+    budget_usd: str | None = None  # "N/day": estimated spend of allowed and approved proposals per UTC day
+    on_exceed: Literal["deny", "needs_approval"] = "deny"
+    approval: ApprovalSpec | None = None
+    retry_storm: RetryStormSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> LimitSpec:
+        kinds = [k for k in ("rate", "budget_usd", "retry_storm") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("a limit has exactly one of rate, budget_usd or retry_storm")
+        if self.rate is not None:
+            parse_rate(self.rate)
+        if self.budget_usd is not None:
+            parse_budget(self.budget_usd)
+        if self.on_exceed != "deny" and self.budget_usd is None:
+            raise ValueError("on_exceed applies to budget_usd limits only (rate limits and retry storms deny)")
+        if self.approval is not None and self.on_exceed != "needs_approval":
+            raise ValueError("approval is only meaningful with on_exceed: needs_approval")
+        if self.retry_storm is not None and self.scope != "agent":
+            raise ValueError("retry_storm is per agent: it quarantines the agent (scope: agent)")
+        return self
+
+
+_WINDOWS = {"second": "1s", "minute": "1m", "hour": "1h", "day": "1d"}
+
+
+def parse_rate(text: str) -> tuple[int, timedelta]:
+    """ "100/1m", "10/second", "5000/day" -> (count, window)."""
+    count, sep, window = text.partition("/")
+    if not sep or not count.strip().isdigit() or int(count) < 1:
+        raise ValueError(f"rate {text!r}: write N/window, e.g. 60/1m or 1000/hour")
+    return int(count), parse_duration(_WINDOWS.get(window.strip(), window.strip()))
+
+
+def parse_budget(text: str) -> float:
+    """ "25/day" or "25.50/day" -> 25.5 (USD per UTC day)."""
+    amount, sep, window = text.partition("/")
+    try:
+        value = float(amount)
+    except ValueError:
+        value = -1.0
+    if not sep or window.strip() != "day" or not 0 < value < float("inf"):  # also refuses NaN
+        raise ValueError(f"budget_usd {text!r}: write N/day with N > 0, e.g. 50/day")
+    return value
+
+
+class LimitsDoc(_Doc):
     kind: Literal["Limits"]
-    limits: list[dict[str, Any]]
+    limits: list[LimitSpec]
 
 
 class TestAgent(_Strict):

@@ -9,7 +9,7 @@ from typing import Any
 
 from pdp.policy.bundle import Approval, Boundary, PolicyBundle, Rule
 from pdp.policy.catalog import CatalogViolation, Kind, resolve
-from pdp.policy.cel import CelError, Variables
+from pdp.policy.cel import CelError, CelProgram, Variables
 from pdp.policy.decision import ApprovalRequirement, Decision, Outcome, Reason, Tier
 from pdp.policy.v1 import cel_input_pb2
 
@@ -226,3 +226,12 @@ def _approvals(
         requirements.append(ApprovalRequirement(source, chosen.groups, chosen.min_approvals))
         expires.append(now + chosen.expires_in)
     return tuple(requirements), min(expires, default=None)
+
+
+def evaluate_key(bundle: PolicyBundle, program: CelProgram, request: DecisionInput) -> str:
+    """A string-valued expression (a limit's scope key) over the request's CEL variables; CelError on failure."""
+    action = request.action
+    kind = resolve(bundle.tools, action.tool, action.operation, action.resource)
+    resolved = kind if isinstance(kind, Kind) else Kind.WRITE  # a catalog denial: the key still has an input
+    value = program.evaluate(bundle.environment.activation(_cel_variables(request, resolved)))
+    return str(value)

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pdp.policy.bundle import Approval, Boundary, PolicyBundle, PolicyTestCase, Rule
+from pdp.policy.bundle import Approval, Boundary, Limit, PolicyBundle, PolicyTestCase, Rule
 from pdp.policy.catalog import Kind, Tool
 from pdp.policy.cel import CelError, CelProgram, Environment, ResultType
 from pdp.policy.decision import Outcome, Tier
@@ -27,7 +27,10 @@ from pdp.policy.documents import (
     LimitsDoc,
     PolicyTestDoc,
     RulesDoc,
+    ScopeKeySpec,
     ToolsDoc,
+    parse_budget,
+    parse_rate,
 )
 from pdp.policy.duration import parse_duration
 from pdp.policy.source import Document, Location, SourceError, git_commit, read_documents
@@ -73,7 +76,14 @@ def load_bundle(directory: str | Path) -> PolicyBundle:
 
 _VARIABLE_REF = re.compile(r"(?<![\w.])variables\.([A-Za-z_]\w*)")
 # The list in each kind whose items are validated one by one when the document as a whole is not valid.
-_ITEM_LISTS = {"Rules": "rules", "Boundaries": "boundaries", "Tools": "tools", "PolicyTest": "tests"}
+_ITEM_LISTS = {
+    "Rules": "rules",
+    "Boundaries": "boundaries",
+    "Tools": "tools",
+    "PolicyTest": "tests",
+    "Limits": "limits",
+}
+_USAGE = re.compile(r"\busage\b")
 _VARIABLE_ALIAS = re.compile(r"__var_([A-Za-z_]\w*)")
 _STRING_START = re.compile(r"""[rRbB]{0,2}('''|\"\"\"|'|")""")
 
@@ -288,7 +298,7 @@ class _Loader:
         rules = self._rules(parsed, tools, has_default)
         # Against what was written, not what compiled: a broken rule is reported once, where it is.
         tests = self._tests(parsed, self.declared_rules, self.declared_boundaries)
-        limits = tuple(limit for m, _ in parsed if isinstance(m, LimitsDoc) for limit in m.limits)
+        limits = self._limits(parsed, tools)
 
         if head is None:
             return None
@@ -314,12 +324,83 @@ class _Loader:
             boundaries=tuple(boundaries),
             rules=tuple(rules),
             tests=tuple(tests),
-            limits=limits,
+            limits=tuple(limits),
             digest=digest,
             git_commit=commit,
             policy_version=version,
             environment=self.env,
+            uses_usage=self._uses_usage(parsed),
         )
+
+    @staticmethod
+    def _uses_usage(parsed: list[tuple[Any, Document]]) -> bool:
+        sources: list[str] = []
+        for model, _ in parsed:
+            if isinstance(model, RulesDoc):
+                sources += list(model.variables.values())
+                sources += [r.when for r in model.rules] + [r.message or "" for r in model.rules]
+            elif isinstance(model, BoundariesDoc):
+                sources += [b.match for b in model.boundaries]
+            elif isinstance(model, LimitsDoc):
+                sources += [spec.scope.key for spec in model.limits if isinstance(spec.scope, ScopeKeySpec)]
+        return any(_USAGE.search(source) for source in sources)
+
+    def _limits(self, parsed: list[tuple[Any, Document]], tools: dict[str, Tool]) -> list[Limit]:
+        out: list[Limit] = []
+        ids: set[str] = set()
+        for model, doc in parsed:
+            if not isinstance(model, LimitsDoc):
+                continue
+            for i, spec in enumerate(model.limits):
+                here = ("limits", i)
+                if spec.id in ids:
+                    self.problem(doc.location((*here, "id")), f"duplicate limit id {spec.id!r}")
+                ids.add(spec.id)
+                for j, pattern in enumerate(spec.tools or ()):
+                    if not any(fnmatch.fnmatchcase(name, pattern) for name in tools):
+                        self.problem(
+                            doc.location((*here, "tools", j)),
+                            f"limit {spec.id!r}: no tool in the catalog matches {pattern!r}",
+                        )
+                key = None
+                if isinstance(spec.scope, ScopeKeySpec):
+                    key = self._cel(
+                        spec.scope.key, ResultType.STRING, doc.location((*here, "scope", "key")), f"limit {spec.id}"
+                    )
+                    if key is None:
+                        continue
+                common: dict[str, Any] = {
+                    "id": spec.id,
+                    "scope": "key" if key is not None else str(spec.scope),
+                    "key": key,
+                    "tools": tuple(spec.tools) if spec.tools is not None else None,
+                    "location": doc.location(here),
+                }
+                if spec.rate is not None:
+                    count, window = parse_rate(spec.rate)
+                    out.append(Limit(kind="rate", count=count, window=window, **common))
+                elif spec.budget_usd is not None:
+                    out.append(
+                        Limit(
+                            kind="budget",
+                            budget_usd=parse_budget(spec.budget_usd),
+                            on_exceed=Outcome(spec.on_exceed),
+                            approval=self._approval(spec.approval),
+                            **common,
+                        )
+                    )
+                elif spec.retry_storm is not None:
+                    storm = spec.retry_storm
+                    out.append(
+                        Limit(
+                            kind="retry_storm",
+                            repeats=storm.repeats,
+                            window=parse_duration(storm.window),
+                            quarantine=parse_duration(storm.quarantine),
+                            **common,
+                        )
+                    )
+        return out
 
     def _tools(self, parsed: list[tuple[Any, Document]]) -> dict[str, Tool]:
         tools: dict[str, Tool] = {}

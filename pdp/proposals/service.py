@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,9 +22,14 @@ from pdp.audit import chain, events
 from pdp.canonical import digest, timestamp
 from pdp.execution import tickets
 from pdp.execution.circuits import CircuitBoard, deny_if_open
+from pdp.execution.tickets import SignedTicket
+from pdp.governance import limits
+from pdp.governance import store as governance_store
+from pdp.governance.limits import Hit
 from pdp.identity.agents import Caller, TokenCache, authenticate, require_active
-from pdp.policy.bundle import ActiveBundle
-from pdp.policy.decision import Decision
+from pdp.observability.metrics import approval_finished, limit_hit
+from pdp.policy.bundle import ActiveBundle, PolicyBundle
+from pdp.policy.decision import Decision, Outcome
 from pdp.policy.engine import AgentIdentity, DecisionInput, decide
 from pdp.proposals.states import INITIAL_STATE, ProposalState
 from pdp.proposals.validation import ProposalInput
@@ -80,74 +86,119 @@ class ProposalService:
         with self._engine.connect() as conn:
             require_active(conn, caller)
 
-    def _decide(self, request: DecisionInput) -> Decision:
-        decision = decide(self._bundles.current, request)
+    def _decide(self, bundle: PolicyBundle, request: DecisionInput) -> Decision:
+        decision = decide(bundle, request)
         if self._circuits is not None:
             tool = request.action.tool
             decision = deny_if_open(decision, tool, self._circuits.opened_until(tool), request.now)
         return decision
 
     def evaluate(self, caller: Caller, proposal: ProposalInput) -> Decision:
-        """Dry run: the same decision, nothing recorded (the caller must have been checked active)."""
-        return self._decide(self._decision_input(caller.agent, proposal, self._clock()))
+        """Dry run: the same rules, boundaries and breakers, nothing recorded and no limit counted.
+
+        Blocking when the bundle reads ``usage`` (one read); the caller must have been checked active.
+        """
+        bundle = self._bundles.current
+        request = self._decision_input(caller.agent, proposal, self._clock())
+        if bundle.uses_usage:
+            with self._engine.connect() as conn:
+                request = replace(request, usage=governance_store.usage(conn, caller.agent.id, request.now))
+        return self._decide(bundle, request)
 
     def propose(self, caller: Caller, proposal: ProposalInput) -> Future[Recorded]:
         """Decide now; the future resolves once the proposal and its decision are durable.
 
         The token is re-checked inside the recording transaction, so a revoked agent records nothing.
+        Limits are applied inside that transaction (see pdp/governance/limits.py). A bundle that reads
+        ``usage`` is decided there too, so the counters it sees are exact.
         """
+        bundle = self._bundles.current  # this request finishes on this bundle, whatever reloads meanwhile
         agent = caller.agent
         now = self._clock()
         request = self._decision_input(agent, proposal, now)
-        decision = self._decide(request)
+        decided_early = not bundle.uses_usage
+        decision = self._decide(bundle, request) if decided_early else None
         action = proposal.action_document()
-        record = ProposalRecord(
-            id=str(uuid.uuid4()),
-            agent_id=agent.id,
-            session_id=proposal.session_id,
-            idempotency_key=proposal.idempotency_key,
-            action=action,
-            action_digest=digest(action),
-            justification=proposal.justification,
-            state=INITIAL_STATE[decision.outcome],
-            decision=decision,
-            decision_input=_decision_context(request),
-            created_at=now,
-            updated_at=now,
+        proposal_id = str(uuid.uuid4())
+        action_digest = digest(action)
+        # Signed here when it can be: the writer thread is the bottleneck. Limits may still take it back.
+        early_ticket = (
+            self._ticket(proposal_id, action_digest, decision, now)
+            if decision is not None and decision.outcome is Outcome.ALLOW
+            else None
         )
-        ticket = None
-        if record.state is ProposalState.APPROVED:  # signed here: the writer thread is the bottleneck
-            ticket = tickets.issue(
-                self._key,
-                proposal_id=record.id,
-                action_digest=record.action_digest,
-                outcome=decision.outcome.value,
-                approvals=[],
-                policy_version=decision.policy_version,
-                issued_at=now,
-                ttl=self._ticket_ttl,
-            )
 
         def unit(conn: Connection) -> Recorded:
             require_active(conn, caller)
+            chain.lock_chain(conn)  # limits read and write counters under the chain's lock: exact across replicas
+            replay = store.find_replay(conn, agent.id, proposal.idempotency_key, action_digest)
+            if replay is not None:
+                return replay
+            exact, ruled, ticket = request, decision, early_ticket
+            if ruled is None:
+                exact = replace(request, usage=governance_store.usage(conn, agent.id, now))
+                ruled = self._decide(bundle, exact)
+            governed = limits.apply(conn, bundle, exact, ruled, action_digest, proposal_id)
+            final = governed.decision
+            if final.outcome is not Outcome.ALLOW:
+                ticket = None
+            elif ticket is None or final is not ruled:
+                ticket = self._ticket(proposal_id, action_digest, final, now)
+            record = ProposalRecord(
+                id=proposal_id,
+                agent_id=agent.id,
+                session_id=proposal.session_id,
+                idempotency_key=proposal.idempotency_key,
+                action=action,
+                action_digest=action_digest,
+                justification=proposal.justification,
+                state=INITIAL_STATE[final.outcome],
+                decision=final,
+                decision_input=_decision_context(exact),
+                created_at=now,
+                updated_at=now,
+                charged_usd=governed.charged_usd,
+                limited_by=governed.limited_by,
+            )
             recorded = store.record_proposal(conn, record)
             if not recorded.replayed:  # no decision without its audit event, in the same transaction
                 if ticket is not None:
                     store.insert_ticket(conn, ticket)
                 chain.append(conn, events.proposal_decided(record, ticket))
+                for event in governed.events:
+                    chain.append(conn, event)
+            self._limit_hits(governed.hits)
             return recorded
 
         future = self._writer.submit(unit)
-        if self._notifier is not None and record.state is ProposalState.PENDING_APPROVAL:
+        if self._notifier is not None:
             future.add_done_callback(self._notify)
         return future
+
+    def _ticket(self, proposal_id: str, action_digest: str, decision: Decision, now: datetime) -> SignedTicket:
+        return tickets.issue(
+            self._key,
+            proposal_id=proposal_id,
+            action_digest=action_digest,
+            outcome=decision.outcome.value,
+            approvals=[],
+            policy_version=decision.policy_version,
+            issued_at=now,
+            ttl=self._ticket_ttl,
+        )
+
+    @staticmethod
+    def _limit_hits(hits: list[Hit]) -> None:
+        """Counted for metrics (a no-op until observability is configured)."""
+        for hit in hits:
+            limit_hit(hit.limit_id, hit.effect)
 
     def _notify(self, future: Future[Recorded]) -> None:
         """Tell approvers a new proposal waits for them, once it is durable; never blocks or fails the agent."""
         if future.cancelled() or future.exception() is not None or self._notifier is None:
             return
         recorded = future.result()
-        if not recorded.replayed:
+        if not recorded.replayed and recorded.record.state is ProposalState.PENDING_APPROVAL:
             action = recorded.record.action
             self._notifier.pending_approval(recorded.record.id, action["tool"], action["resource"])
 
@@ -165,8 +216,9 @@ class ProposalService:
     def _expire(self, conn: Connection, proposal_id: str) -> None:
         chain.lock_chain(conn)
         record = store.get_proposal_for_update(conn, proposal_id)
-        if _overdue(record, self._clock()):
-            expire(conn, record, self._clock())
+        now = self._clock()
+        if _overdue(record, now) and expire(conn, record, now):
+            approval_finished("expired", (now - record.created_at).total_seconds())
 
     def cancel(self, caller: Caller, proposal_id: str) -> Future[ProposalRecord]:
         now = self._clock()

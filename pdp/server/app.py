@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -22,13 +24,18 @@ from pdp.admin.app import create_app
 from pdp.admin.server import AdminServer, bind
 from pdp.approvals.notify import WebhookNotifier
 from pdp.approvals.service import ApprovalService
+from pdp.audit.chain import Event, append
 from pdp.audit.checkpointer import Checkpointer
 from pdp.audit.keys import KeyFileError, load_private
 from pdp.config import Config
 from pdp.execution.circuits import CircuitBoard
-from pdp.policy.bundle import ActiveBundle
+from pdp.governance.store import prune as prune_counters
+from pdp.observability import logs, metrics, tracing
+from pdp.observability.collectors import PdpState
+from pdp.policy.bundle import ActiveBundle, PolicyBundle
 from pdp.policy.duration import parse_duration
 from pdp.policy.loader import BundleError, load_bundle
+from pdp.policy.reload import BundleReloader
 from pdp.proposals.service import ProposalService, utc_now
 from pdp.server.grpc_api import SERVICE_NAME, PolicyDecisionPointService, generic_handler
 from pdp.store.database import create_db_engine
@@ -53,7 +60,6 @@ class RunningServer:
     writer: GroupCommitWriter
     pool: ThreadPoolExecutor
     health: health.aio.HealthServicer
-    policy_version: str
     checkpointer: Checkpointer
     circuits: CircuitBoard
     bundles: ActiveBundle
@@ -61,12 +67,21 @@ class RunningServer:
     admin: AdminServer
     sweeper: asyncio.Task[None]
     notifier: WebhookNotifier | None
+    reloader: BundleReloader | None = None  # None when PDP_POLICY_RELOAD=off
+
+    @property
+    def policy_version(self) -> str:
+        """The active bundle's version: it changes when hot reload activates a new bundle."""
+        return self.bundles.current.policy_version
 
     async def stop(self, grace: float = 5.0) -> None:
         """NOT_SERVING, end watch streams, let in-flight calls finish, sign the head, commit queued writes."""
         await self.health.enter_graceful_shutdown()
         self.api.stopping.set()
         self.sweeper.cancel()
+        if self.reloader is not None:
+            # Before the writer closes: a reload in progress still audits its outcome. Off the loop: it may block.
+            await asyncio.to_thread(self.reloader.stop)
         await asyncio.gather(self.server.stop(grace), self.admin.stop())
         await self.checkpointer.stop()
         self.circuits.stop()
@@ -103,6 +118,10 @@ async def start(config: Config) -> RunningServer:
         ticket_ttl = parse_duration(config.ticket_ttl)
     except ValueError as exc:
         raise StartupError(f"ticket_ttl: {exc}") from exc
+    if config.policy_reload not in RELOAD_MODES:
+        raise StartupError(f"policy_reload must be one of {', '.join(RELOAD_MODES)}, not {config.policy_reload!r}")
+    # Once per process (a later call only adds a new endpoint); spans exist, for log lines, even when not exported.
+    tracing.configure(endpoint=config.otlp_endpoint)
     reader = create_db_engine(config.database_url, pool_size=WORKER_THREADS)
     try:
         current = is_current(reader)
@@ -143,6 +162,7 @@ async def start(config: Config) -> RunningServer:
     circuits = CircuitBoard(reader)
     circuits.start()
     bundles = ActiveBundle(bundle)
+    reloader = _reloader(config, bundles, writer)
     service = ProposalService(
         reader, writer, bundles, config.environment, key, ticket_ttl=ticket_ttl, circuits=circuits, notifier=notifier
     )
@@ -158,7 +178,10 @@ async def start(config: Config) -> RunningServer:
             "policy_version": bundles.current.policy_version,
         }
 
-    admin = AdminServer(create_app(approvals, session_key=session_key(key), health=admin_health), admin_socket)
+    # Counters are process-wide; the gauges of this server's database and bundle are computed per scrape.
+    registry = metrics.registry(metrics.PDP, [PdpState(reader, bundles)])
+    admin_app = create_app(approvals, session_key=session_key(key), health=admin_health, metrics=registry)
+    admin = AdminServer(admin_app, admin_socket)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -171,7 +194,9 @@ async def start(config: Config) -> RunningServer:
     await server.start()
     await admin.start()
     checkpointer.start()
-    sweeper = asyncio.create_task(_sweep(approvals, pool))
+    if reloader is not None and config.policy_reload == "watch":
+        reloader.start()
+    sweeper = asyncio.create_task(_sweep(approvals, pool, writer, bundles))
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(
@@ -181,7 +206,6 @@ async def start(config: Config) -> RunningServer:
         writer,
         pool,
         health_servicer,
-        bundle.policy_version,
         checkpointer,
         circuits,
         bundles,
@@ -189,21 +213,82 @@ async def start(config: Config) -> RunningServer:
         admin,
         sweeper,
         notifier,
+        reloader,
     )
+
+
+RELOAD_MODES = ("watch", "sighup", "off")
+
+
+def _reloader(config: Config, bundles: ActiveBundle, writer: GroupCommitWriter) -> BundleReloader | None:
+    """Hot reload of the bundle, each outcome audited (actor ``pdp``) through the group-commit writer."""
+    if config.policy_reload == "off":
+        return None
+    directory = str(config.policy_dir)
+
+    def record(event: Event) -> None:
+        # Waits for the commit: an activation is recorded before the first decision the new bundle makes.
+        writer.submit(lambda conn: append(conn, event)).result()
+
+    def activated(previous: PolicyBundle, new: PolicyBundle, reason: str) -> None:
+        data = {
+            "previous_policy_version": previous.policy_version,
+            "policy_version": new.policy_version,
+            "reason": reason,
+            "bundle_dir": directory,
+        }
+        record(Event("policy.activated", "pdp", utc_now(), policy_version=new.policy_version, data=data))
+        metrics.reload_activated()  # once recorded, the swap follows: it cannot fail
+
+    def refused(error: str, reason: str) -> None:
+        metrics.reload_failed()  # first: counted even when the database cannot take the event
+        kept = bundles.current.policy_version
+        data = {"reason": reason, "error": error, "kept_policy_version": kept, "bundle_dir": directory}
+        record(Event("policy.refused", "pdp", utc_now(), policy_version=kept, data=data))
+
+    return BundleReloader(directory, bundles, on_activated=activated, on_refused=refused)
+
+
+def _reload_on_sighup(running: RunningServer) -> None:
+    """SIGHUP's handler, on the event loop: the reload (loading, testing, auditing) runs on the pool."""
+    reloader = running.reloader
+    if reloader is None:
+        log.warning("SIGHUP ignored: policy hot reload is off (PDP_POLICY_RELOAD=off)")
+        return
+
+    def reload() -> None:
+        try:
+            reloader.reload("sighup")
+        except Exception:  # nobody awaits this: log here, or the failure would vanish
+            log.exception("reloading the policy bundle on SIGHUP failed")
+
+    asyncio.get_running_loop().run_in_executor(running.pool, reload)
 
 
 SWEEP_SECONDS = 1.0
 
 
-async def _sweep(approvals: ApprovalService, pool: ThreadPoolExecutor) -> None:
-    """Expire pending proposals past their deadline (reads and votes also check, so this only bounds the lag)."""
+PRUNE_EVERY = 600  # sweeps, i.e. about every ten minutes
+
+
+async def _sweep(
+    approvals: ApprovalService, pool: ThreadPoolExecutor, writer: GroupCommitWriter, bundles: ActiveBundle
+) -> None:
+    """Expire pending proposals past their deadline (reads and votes also check, so this only bounds the lag),
+    and now and then forget limit-counter windows no active limit can still read."""
     loop = asyncio.get_running_loop()
+    sweeps = 0
     while True:
         await asyncio.sleep(SWEEP_SECONDS)
+        sweeps += 1
         try:
             await loop.run_in_executor(pool, approvals.expire_due)
+            if sweeps % PRUNE_EVERY == 0:
+                keep = max((limit.window for limit in bundles.current.limits), default=timedelta(0))
+                before = utc_now() - max(keep, timedelta(days=1)) - timedelta(days=1)
+                await asyncio.wrap_future(writer.submit(functools.partial(prune_counters, before=before)))
         except Exception:
-            log.exception("expiring overdue proposals failed; retrying")
+            log.exception("the sweeper failed; retrying")
 
 
 def session_key(key: Ed25519PrivateKey) -> bytes:
@@ -213,6 +298,9 @@ def session_key(key: Ed25519PrivateKey) -> bytes:
 
 
 async def serve(config: Config) -> None:
+    if config.log_format not in logs.FORMATS:
+        raise StartupError(f"log_format must be one of {', '.join(logs.FORMATS)}, not {config.log_format!r}")
+    logs.configure(json=config.log_format == "json")
     running = await start(config)
     host = config.grpc_addr.rsplit(":", 1)[0]
     admin_host = config.admin_addr.rsplit(":", 1)[0]
@@ -226,6 +314,8 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # Installed even when reload is off: SIGHUP's default action would end the process.
+    loop.add_signal_handler(signal.SIGHUP, _reload_on_sighup, running)
     await stop.wait()
     print("pdp: shutting down", flush=True)
     await running.stop()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pdp import errors
 from pdp.errors import InvalidArgument, PdpError, ResourceExhausted, Unauthenticated, Unavailable
 from pdp.identity.agents import Caller
+from pdp.observability import logs, metrics, tracing
 from pdp.proposals.service import ProposalService
 from pdp.proposals.validation import validate, validate_proposal_id
 from pdp.server import wire
@@ -96,7 +99,9 @@ class PolicyDecisionPointService:
         self._watches: dict[str, int] = {}
 
     async def _blocking(self, fn: Callable[..., R], *args: Any) -> R:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        # In a copy of this context, so lines logged on the pool still name the request's proposal and trace.
+        run = contextvars.copy_context().run
+        return await asyncio.get_running_loop().run_in_executor(self._pool, run, fn, *args)
 
     async def _caller(self, context: Context) -> Caller:
         token = ""
@@ -122,22 +127,49 @@ class PolicyDecisionPointService:
     async def Propose(  # noqa: N802 — gRPC method names are fixed by the contract
         self, request: pdp_pb2.ProposeRequest, context: Context
     ) -> pdp_pb2.ProposeResponse:
-        caller = await self._caller(context)
-        proposal = validate(request)
-        recorded = await asyncio.wrap_future(self._service.propose(caller, proposal))
-        record = recorded.record
-        return pdp_pb2.ProposeResponse(
-            proposal_id=record.id, decision=decision_message(record.decision), state=STATES[record.state]
-        )
+        started = time.perf_counter()
+        try:
+            with tracing.propose_span(context.invocation_metadata()) as span, logs.context() as ids:
+                caller = await self._caller(context)
+                ids["agent_id"] = caller.agent.id
+                proposal = validate(request)
+                tool = proposal.action.tool
+                ids["tool"] = tool
+                deciding = time.perf_counter()
+                recorded = await asyncio.wrap_future(self._service.propose(caller, proposal))
+                record = recorded.record
+                ids["proposal_id"] = record.id
+                if not recorded.replayed:
+                    metrics.decided(record.decision, time.perf_counter() - deciding)
+                tracing.record_decision(
+                    span,
+                    record.decision,
+                    tool=tool,
+                    proposal_id=record.id,
+                    agent_id=caller.agent.id,
+                    replayed=recorded.replayed,
+                )
+                log.debug("proposal %s: %s", "replayed" if recorded.replayed else "decided", record.state.value)
+                return pdp_pb2.ProposeResponse(
+                    proposal_id=record.id, decision=decision_message(record.decision), state=STATES[record.state]
+                )
+        finally:
+            metrics.propose_finished(time.perf_counter() - started)
 
     @_unary
     async def Evaluate(  # noqa: N802
         self, request: pdp_pb2.ProposeRequest, context: Context
     ) -> pdp_pb2.Decision:
-        caller = await self._caller(context)
-        proposal = validate(request)
-        await self._blocking(self._service.check_active, caller)
-        return decision_message(self._service.evaluate(caller, proposal))
+        with logs.context() as ids:
+            caller = await self._caller(context)
+            ids["agent_id"] = caller.agent.id
+            proposal = validate(request)
+            ids["tool"] = proposal.action.tool
+            await self._blocking(self._service.check_active, caller)
+            deciding = time.perf_counter()
+            decision = self._service.evaluate(caller, proposal)
+            metrics.evaluated(decision, time.perf_counter() - deciding)
+            return decision_message(decision)
 
     @_unary
     async def GetProposal(  # noqa: N802

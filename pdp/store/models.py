@@ -9,6 +9,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -107,6 +108,10 @@ class Proposal(Base):
     approval_expires_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
+    # Estimated spend counted against budgets: the cost once allowed or approved, else 0 (usage.*).
+    charged_usd: Mapped[float] = mapped_column(Float, server_default="0")
+    # The governance limit that changed this proposal's outcome, if one did (retry storms ignore those).
+    limited_by: Mapped[str | None] = mapped_column(String(128))
 
 
 class AuditEvent(Base):
@@ -204,6 +209,32 @@ class CircuitBreaker(Base):
     updated_at: Mapped[datetime]
 
 
+class LimitCounter(Base):
+    """Fixed-window counters of rate and budget limits, updated in the transaction that records the proposal."""
+
+    __tablename__ = "limit_counters"
+
+    limit_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    scope_key: Mapped[str] = mapped_column(String(512), primary_key=True)
+    window_start: Mapped[datetime] = mapped_column(primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+    amount: Mapped[float] = mapped_column(Float)
+
+
+class Quarantine(Base):
+    """An agent stopped by a retry-storm limit until ``until``, or until a human releases it."""
+
+    __tablename__ = "quarantines"
+
+    agent_id: Mapped[str] = mapped_column(String(200), ForeignKey("agents.id"), primary_key=True)
+    limit_id: Mapped[str] = mapped_column(String(128))
+    until: Mapped[datetime]
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    released_at: Mapped[datetime | None]
+    released_by: Mapped[str | None] = mapped_column(String(200))
+
+
 class Approver(Base):
     """A human who may approve or reject proposals for the groups they belong to. Token stored hashed."""
 
@@ -242,3 +273,5 @@ executions = cast(Table, Execution.__table__)
 circuit_breakers = cast(Table, CircuitBreaker.__table__)
 approvers = cast(Table, Approver.__table__)
 approvals = cast(Table, ApprovalVote.__table__)
+limit_counters = cast(Table, LimitCounter.__table__)
+quarantines = cast(Table, Quarantine.__table__)

@@ -56,6 +56,8 @@ class ProposalRecord:
     updated_at: datetime
     execution: ExecutionRecord | None = None
     approvals: tuple[ApprovalRecord, ...] = ()
+    charged_usd: float = 0.0
+    limited_by: str | None = None
 
     def row(self) -> dict[str, Any]:
         return {
@@ -77,6 +79,8 @@ class ProposalRecord:
             "approval_expires_at": self.decision.approval_expires_at,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
+            "charged_usd": self.charged_usd,
+            "limited_by": self.limited_by,
         }
 
     @classmethod
@@ -95,6 +99,8 @@ class ProposalRecord:
             created_at=row["created_at"],
             updated_at=row["updated_at"],
             execution=_execution(row),
+            charged_usd=float(row.get("charged_usd") or 0.0),
+            limited_by=row.get("limited_by"),
         )
 
 
@@ -142,6 +148,23 @@ _INSERT_IF_NEW = {
     .returning(proposals.c.id),
     "sqlite": sqlite.insert(proposals).on_conflict_do_nothing(index_elements=_IDEMPOTENCY).returning(proposals.c.id),
 }
+
+
+def find_replay(conn: Connection, agent_id: str, key: str, action_digest: str) -> Recorded | None:
+    """The earlier proposal with this idempotency key, if any (AlreadyExists when its action differs)."""
+    if not key:
+        return None
+    row = (
+        conn.execute(select(proposals).where(proposals.c.agent_id == agent_id, proposals.c.idempotency_key == key))
+        .mappings()
+        .first()
+    )
+    if row is None:
+        return None
+    earlier = ProposalRecord.from_row(row)
+    if earlier.action_digest != action_digest:
+        raise AlreadyExists(f"idempotency_key {key!r} was already used for a different action (proposal {earlier.id})")
+    return Recorded(earlier, replayed=True)
 
 
 def record_proposal(conn: Connection, record: ProposalRecord) -> Recorded:

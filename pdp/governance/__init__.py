@@ -1,0 +1,1 @@
+"""Governance that needs memory across proposals (kind: Limits): rates, budgets, retry-storm quarantine."""

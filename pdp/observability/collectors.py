@@ -1,0 +1,108 @@
+"""Gauges computed when Prometheus scrapes: state that lives in the database or in the active bundle.
+
+Nothing on the request path maintains them, so they cannot drift from the truth and cost nothing between
+scrapes. Each scrape runs a few indexed queries on its own connection. When the database cannot be read,
+the gauge is left out of that scrape (an absent series, which alerts can see) rather than reported as 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from pdp.policy.bundle import ActiveBundle
+from pdp.proposals.states import ProposalState
+from pdp.store.models import circuit_breakers, proposals, quarantines
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _breakers(conn: Connection, now: datetime) -> GaugeMetricFamily:
+    gauge = GaugeMetricFamily(
+        "pdp_circuit_breaker_open", "1 while the tool's circuit breaker is open (executions failing)", labels=["tool"]
+    )
+    for tool, opened_until in conn.execute(select(circuit_breakers.c.tool, circuit_breakers.c.opened_until)):
+        gauge.add_metric([tool], 1.0 if opened_until is not None and opened_until > now else 0.0)
+    return gauge
+
+
+class PdpState(Collector):
+    """pdp_policy_info, pdp_pending_approvals, pdp_quarantined_agents and pdp_circuit_breaker_open of one server."""
+
+    def __init__(self, engine: Engine, bundles: ActiveBundle, clock: Clock = _utc_now) -> None:
+        self._engine = engine
+        self._bundles = bundles
+        self._clock = clock
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "pdp_policy_info", "The active policy bundle's version (value 1)", labels=["policy_version"]
+        )
+        info.add_metric([self._bundles.current.policy_version], 1.0)
+        yield info
+        now = self._clock()
+        try:
+            with self._engine.connect() as conn:
+                pending = conn.execute(
+                    select(func.count())
+                    .select_from(proposals)
+                    .where(proposals.c.state == ProposalState.PENDING_APPROVAL.value)
+                ).scalar_one()
+                breakers = _breakers(conn, now)
+        except SQLAlchemyError:
+            log.warning("metrics: cannot read pending approvals and circuit breakers", exc_info=True)
+        else:
+            yield GaugeMetricFamily("pdp_pending_approvals", "Proposals waiting for approval", value=float(pending))
+            yield breakers
+        count = float(self._quarantined(now))
+        yield GaugeMetricFamily("pdp_quarantined_agents", "Agents quarantined by a retry-storm limit", value=count)
+
+    def _quarantined(self, now: datetime) -> int:
+        query = (
+            select(func.count())
+            .select_from(quarantines)
+            .where(quarantines.c.released_at.is_(None), quarantines.c.until > now)
+        )
+        try:
+            with self._engine.connect() as conn:
+                return int(conn.execute(query).scalar_one())
+        except SQLAlchemyError:  # e.g. a database not yet upgraded to the governance schema
+            log.debug("metrics: cannot count quarantined agents", exc_info=True)
+            return 0
+
+
+class ExecutorState(Collector):
+    """pdp_executor_inflight and pdp_circuit_breaker_open, as one executor sees them."""
+
+    def __init__(self, engine: Engine, busy: Callable[[], int], clock: Clock = _utc_now) -> None:
+        self._engine = engine
+        self._busy = busy
+        self._clock = clock
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("pdp_executor_inflight", "Executions running in this executor", value=self._busy())
+        try:
+            with self._engine.connect() as conn:
+                breakers = _breakers(conn, self._clock())
+        except SQLAlchemyError:
+            log.warning("metrics: cannot read circuit breakers", exc_info=True)
+        else:
+            yield breakers
