@@ -59,6 +59,8 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.verify
 	$(BIN)/python -m bench.execution
 	$(BIN)/python -m bench.execution --database-url postgresql://postgres@127.0.0.1:5432/pdp_bench_exec
+	$(BIN)/python -m bench.limits
+	$(BIN)/python -m bench.limits --database-url postgresql://postgres@127.0.0.1:5432/pdp_bench_limits
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache
