@@ -301,6 +301,8 @@ def test_rules_read_usage_counters(database_url: str, tmp_path: Path) -> None:
         _, client = World(server, tmp_path).agent()
         _, rich = World(server, tmp_path).agent()
         assert [propose(client).decision.outcome for _ in range(3)] == [pdp_pb2.ALLOW, pdp_pb2.ALLOW, pdp_pb2.DENY]
+        # Evaluate sees the same counters (and counts nothing).
+        assert client.evaluate("svc", "POST", PREFIX + "items", "t").outcome == pdp_pb2.DENY
         assert propose(rich, cost=3).decision.outcome == pdp_pb2.ALLOW
         over = propose(rich, cost=3).decision
         assert over.outcome == pdp_pb2.DENY and "rule:big-spender" in [r.rule_id for r in over.reasons]

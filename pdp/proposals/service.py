@@ -82,10 +82,6 @@ class ProposalService:
     def _decision_input(self, agent: AgentIdentity, proposal: ProposalInput, now: datetime) -> DecisionInput:
         return DecisionInput(agent=agent, action=proposal.action, now=now, environment=self._environment)
 
-    def check_active(self, caller: Caller) -> None:
-        with self._engine.connect() as conn:
-            require_active(conn, caller)
-
     def _decide(self, bundle: PolicyBundle, request: DecisionInput) -> Decision:
         decision = decide(bundle, request)
         if self._circuits is not None:
@@ -96,12 +92,14 @@ class ProposalService:
     def evaluate(self, caller: Caller, proposal: ProposalInput) -> Decision:
         """Dry run: the same rules, boundaries and breakers, nothing recorded and no limit counted.
 
-        Blocking when the bundle reads ``usage`` (one read); the caller must have been checked active.
+        Blocking (run it off the event loop): the token is re-checked, and a bundle that reads ``usage``
+        gets the agent's counters, in one read transaction.
         """
         bundle = self._bundles.current
         request = self._decision_input(caller.agent, proposal, self._clock())
-        if bundle.uses_usage:
-            with self._engine.connect() as conn:
+        with self._engine.connect() as conn:
+            require_active(conn, caller)
+            if bundle.uses_usage:
                 request = replace(request, usage=governance_store.usage(conn, caller.agent.id, request.now))
         return self._decide(bundle, request)
 

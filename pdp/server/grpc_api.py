@@ -165,9 +165,8 @@ class PolicyDecisionPointService:
             ids["agent_id"] = caller.agent.id
             proposal = validate(request)
             ids["tool"] = proposal.action.tool
-            await self._blocking(self._service.check_active, caller)
             deciding = time.perf_counter()
-            decision = self._service.evaluate(caller, proposal)
+            decision = await self._blocking(self._service.evaluate, caller, proposal)
             metrics.evaluated(decision, time.perf_counter() - deciding)
             return decision_message(decision)
 
