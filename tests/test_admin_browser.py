@@ -10,17 +10,16 @@ approver ended up on was served with, after redirects.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import pytest
 from conftest import TICKETS, Server, fresh_database, running_server
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import NoAlertPresentException, WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.wait import WebDriverWait
 
 from pdp.client import PdpClient
@@ -82,10 +81,24 @@ def path(driver: WebDriver) -> str:
     return urlsplit(driver.current_url).path
 
 
+def _detached(element: WebElement) -> Callable[[WebDriver], bool]:
+    """Like ``staleness_of``, but mid-navigation chromedriver may also answer "node does not belong to the
+    document" (a plain WebDriverException): that means the old page is gone too."""
+
+    def check(_: WebDriver) -> bool:
+        try:
+            element.is_enabled()
+        except WebDriverException:  # StaleElementReferenceException is one
+            return True
+        return False
+
+    return check
+
+
 def submit(driver: WebDriver, button: WebElement) -> None:
     """Click a form's button and wait for the page the browser navigates to."""
     button.click()
-    wait(driver).until(expected_conditions.staleness_of(button))
+    wait(driver).until(_detached(button))
     loaded(driver)
 
 
