@@ -282,29 +282,38 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             yield running
 
 
-@pytest.fixture
-def cli_env(tmp_path: Path) -> dict[str, str]:
+def pdp_env(directory: Path) -> dict[str, str]:
     """The environment for `pdp` subprocesses: no PDP_* settings leaking in from the developer's shell,
     and a signing key and checkpoint file of the test's own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PDP_")}
     env["PYTHONUNBUFFERED"] = "1"
     env["PDP_SIGNING_KEY"] = str(signing_key())
-    env["PDP_CHECKPOINT_FILE"] = str(tmp_path / "checkpoints.jsonl")
+    env["PDP_CHECKPOINT_FILE"] = str(directory / "checkpoints.jsonl")
     env["PDP_ADMIN_ADDR"] = "127.0.0.1:0"  # several servers may run at once
     return env
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    return pdp_env(tmp_path)
 
 
 def broken_bundle(tmp_path: Path) -> tuple[Path, int]:
     """A copy of policies/ with a type error in one rule's `when`; returns the directory and the broken line."""
     bundle = tmp_path / "broken-policies"
     shutil.copytree(POLICIES, bundle)
+    return bundle, break_type(bundle)
+
+
+def break_type(bundle: Path) -> int:
+    """Put a type error (`action.resourse`) in one rule of a copy of policies/; returns its line."""
     path = bundle / "rules" / "support.yaml"
     lines = path.read_text().splitlines(keepends=True)
     target = next(i for i, line in enumerate(lines) if 'action.operation == "POST"\'' in line)
     indent = lines[target][: len(lines[target]) - len(lines[target].lstrip())]
     lines[target] = f"{indent}when: 'action.resourse == \"x\"'\n"
     path.write_text("".join(lines))
-    return bundle, target + 1
+    return target + 1
 
 
 # --- `pdp serve` as a subprocess ----------------------------------------------------------------------
@@ -368,13 +377,15 @@ class ServeProcess:
             raise
 
 
-def start_serve(database_url: str, directory: Path, env: dict[str, str], name: str = "serve") -> ServeProcess:
+def start_serve(
+    database_url: str, directory: Path, env: dict[str, str], name: str = "serve", policy_dir: Path = POLICIES
+) -> ServeProcess:
     """`pdp serve` as a subprocess on a free port, once it answers SERVING and has its signal handlers."""
     address = f"127.0.0.1:{free_port()}"
     stdout, stderr = directory / f"{name}.out", directory / f"{name}.err"
     with stdout.open("w") as out, stderr.open("w") as err:
         process = subprocess.Popen(
-            [PDP, "serve", "--policy-dir", str(POLICIES), "--database-url", database_url, "--grpc-addr", address],
+            [PDP, "serve", "--policy-dir", str(policy_dir), "--database-url", database_url, "--grpc-addr", address],
             stdout=out,
             stderr=err,
             text=True,

@@ -25,11 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from conftest import Server, fresh_database, running_server, signing_key
+from sqlalchemy import Engine, select
 
 from executor.config import load
 from executor.main import build
 from executor.worker import Executor
 from pdp.audit.keys import public_path
+from pdp.client import PdpClient
+from pdp.store.migrate import upgrade
+from pdp.store.models import audit_events
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -216,6 +221,61 @@ def executor_config(
     path = directory / "executor.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+@dataclass
+class Stack:
+    """A recording target, a fresh database, the test bundle, an in-process PDP and one support agent."""
+
+    server: Server
+    target: Target
+    client: PdpClient
+    tmp: Path
+    bundle: Path
+    token_file: Path
+    crm_url_file: Path | None = None
+
+    @property
+    def engine(self) -> Engine:
+        return self.server.engine
+
+    def config(self, *, key: Path | None = None, **settings: Any) -> Path:
+        """An executor config for this stack (trusting ``key``'s public half, by default the PDP's)."""
+        return executor_config(
+            self.tmp,
+            database_url=self.server.database_url,
+            policy_dir=self.bundle,
+            signing_key=key or signing_key(),
+            token_file=self.token_file,
+            crm_url_file=self.crm_url_file,
+            **settings,
+        )
+
+    def audit(self, pid: str) -> list[tuple[str, dict[str, Any]]]:
+        """(type, data) of the proposal's audit events, in order."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(audit_events.c.type, audit_events.c.body)
+                .where(audit_events.c.proposal_id == pid)
+                .order_by(audit_events.c.seq)
+            ).all()
+        return [(row.type, json.loads(row.body)["data"]) for row in rows]
+
+    def audit_types(self, pid: str) -> list[str]:
+        return [kind for kind, _ in self.audit(pid)]
+
+
+@contextmanager
+def execution_stack(backend: str, tmp_path: Path, *, crm: bool = False) -> Iterator[Stack]:
+    with target_server() as target, fresh_database(backend, tmp_path) as url:
+        upgrade(url)
+        bundle = write_bundle(tmp_path / "bundle", target.url)
+        token_file = tmp_path / "target.token"
+        token_file.write_text(target.token)
+        crm_url_file = crm_database(tmp_path) if crm else None
+        with running_server(url, policy_dir=bundle) as server:
+            _agent, client = server.agent_client()
+            yield Stack(server, target, client, tmp_path, bundle, token_file, crm_url_file)
 
 
 @contextmanager

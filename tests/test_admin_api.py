@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import httpx
 import pytest
-from conftest import BACKENDS, BULK_CLOSE, TICKETS, BackgroundServer, Server, fresh_database, server_config
+from conftest import BULK_CLOSE, TICKETS, Server
 from sqlalchemy import select
 
 from pdp.identity.approvers import add_approver, revoke_approver
-from pdp.store.database import create_db_engine
-from pdp.store.migrate import upgrade
 from pdp.store.models import approvals
 from pdp.v1 import pdp_pb2
 
@@ -68,20 +65,10 @@ class Admin:
             return len(conn.execute(select(approvals).where(approvals.c.proposal_id == proposal_id)).all())
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def admin(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Admin]:
-    """One PDP per module and backend; tests isolate themselves with approvers and proposals of their own."""
-    with fresh_database(request.param, tmp_path_factory.mktemp(f"admin-{request.param}")) as url:
-        upgrade(url)
-        background = BackgroundServer(server_config(url))
-        engine = create_db_engine(url)
-        server = Server(f"127.0.0.1:{background.running.port}", url, engine)
-        try:
-            yield Admin(server, f"http://127.0.0.1:{background.running.admin.port}")
-        finally:
-            server.close_clients()
-            background.stop()
-            engine.dispose()
+@pytest.fixture(scope="module")
+def admin(server: Server) -> Admin:
+    """conftest's one server per module and backend; tests isolate themselves with approvers and proposals."""
+    return Admin(server, server.admin_url)
 
 
 def _error(response: httpx.Response, status: int, field: str | None = None) -> str:

@@ -9,18 +9,15 @@ import html
 import itertools
 import re
 import uuid
-from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 
 import httpx
 import pytest
-from conftest import BACKENDS, BULK_CLOSE, BackgroundServer, Server, fresh_database, server_config
+from conftest import BULK_CLOSE, Server
 from sqlalchemy import select
 
 from pdp.identity.approvers import add_approver, revoke_approver
-from pdp.store.database import create_db_engine
-from pdp.store.migrate import upgrade
 from pdp.store.models import approvals, proposals
 from pdp.v1 import pdp_pb2
 
@@ -71,19 +68,10 @@ class Admin:
             return str(conn.execute(select(proposals.c.state).where(proposals.c.id == proposal_id)).scalar_one())
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def admin(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Admin]:
-    with fresh_database(request.param, tmp_path_factory.mktemp(f"pages-{request.param}")) as url:
-        upgrade(url)
-        background = BackgroundServer(server_config(url))
-        engine = create_db_engine(url)
-        server = Server(f"127.0.0.1:{background.running.port}", url, engine)
-        try:
-            yield Admin(server, f"http://127.0.0.1:{background.running.admin.port}")
-        finally:
-            server.close_clients()
-            background.stop()
-            engine.dispose()
+@pytest.fixture(scope="module")
+def admin(server: Server) -> Admin:
+    """conftest's one server per module and backend; tests isolate themselves with approvers and proposals."""
+    return Admin(server, server.admin_url)
 
 
 def csrf(page: httpx.Response) -> str:

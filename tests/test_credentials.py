@@ -24,7 +24,7 @@ from urllib.parse import quote, quote_plus
 
 import pytest
 import yaml
-from conftest import PDP, ServeProcess, free_port, fresh_database, signing_key
+from conftest import PDP, ServeProcess, fresh_database, pdp_env, signing_key, start_serve
 from execution import ExecutorProcess, Target, crm_database, executor_config, target_server, write_bundle
 from google.protobuf.json_format import MessageToDict, MessageToJson
 from google.protobuf.message import Message
@@ -55,32 +55,6 @@ def leaked_forms(token: str) -> dict[str, str]:
 def assert_no_credential(where: str, text: str, token: str) -> None:
     for form, value in leaked_forms(token).items():
         assert value not in text, f"the credential ({form}) leaked into {where}"
-
-
-def start_pdp(database_url: str, policy_dir: Path, directory: Path, env: dict[str, str]) -> ServeProcess:
-    """`pdp serve` as a subprocess over ``policy_dir`` (conftest's `start_serve` always serves policies/)."""
-    address = f"127.0.0.1:{free_port()}"
-    stdout, stderr = directory / "serve.out", directory / "serve.err"
-    command = [PDP, "serve", "--policy-dir", str(policy_dir), "--database-url", database_url, "--grpc-addr", address]
-    with stdout.open("w") as out, stderr.open("w") as err:
-        process = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env, cwd=directory)
-    serve = ServeProcess(process, address, stdout, stderr)
-    try:
-        serve.wait_until_serving()
-    except BaseException:
-        serve.stop()
-        raise
-    return serve
-
-
-def pdp_env(directory: Path) -> dict[str, str]:
-    """conftest's `cli_env` as a plain function, for use inside this module's fixture."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PDP_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PDP_SIGNING_KEY"] = str(signing_key())
-    env["PDP_CHECKPOINT_FILE"] = str(directory / "checkpoints.jsonl")
-    env["PDP_ADMIN_ADDR"] = "127.0.0.1:0"
-    return env
 
 
 def executor_yaml(
@@ -160,7 +134,7 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
         )
         assert_no_credential("the executor's config file", config.read_text(), target.token)
         assert target.token not in json.dumps(cli_env)
-        serve = start_pdp(url, bundle, tmp_path, cli_env)
+        serve = start_serve(url, tmp_path, cli_env, policy_dir=bundle)
         try:
             executor = ExecutorProcess(config, tmp_path / "executor.log", env=executor_env)
             try:

@@ -4,51 +4,28 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Server, fresh_database, running_server, signing_key
-from execution import Target, crm_database, executor_config, running_executor, target_server, write_bundle
+from execution import Stack, execution_stack, running_executor
 from google.protobuf.json_format import MessageToDict
 from sqlalchemy import select, text
 
 from pdp.client import PdpClient
 from pdp.store.database import create_db_engine
-from pdp.store.migrate import upgrade
 from pdp.store.models import audit_events, executions
 from pdp.v1 import pdp_pb2
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
-@dataclass
-class Stack:
-    server: Server
-    target: Target
-    config: Path
-    client: PdpClient
+TIMEOUT = "2s"  # the connector's time limit: the slow-target test waits it out
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
-    with target_server() as target, fresh_database(request.param, tmp_path) as url:
-        upgrade(url)
-        bundle = write_bundle(tmp_path / "bundle", target.url)
-        token_file = tmp_path / "target.token"
-        token_file.write_text(target.token)
-        config = executor_config(
-            tmp_path,
-            database_url=url,
-            policy_dir=bundle,
-            signing_key=signing_key(),
-            token_file=token_file,
-            crm_url_file=crm_database(tmp_path),
-            timeout="2s",
-        )
-        with running_server(url, policy_dir=bundle) as server:
-            _agent, client = server.agent_client()
-            yield Stack(server, target, config, client)
+    with execution_stack(request.param, tmp_path, crm=True) as stack:
+        yield stack
 
 
 def propose(client: PdpClient, tool: str, operation: str, resource: str, **params: object) -> str:
@@ -58,7 +35,7 @@ def propose(client: PdpClient, tool: str, operation: str, resource: str, **param
 
 
 def test_allowed_http_action_is_executed_once_and_the_agent_reads_the_result(stack: Stack) -> None:
-    with running_executor(stack.config):
+    with running_executor(stack.config(timeout=TIMEOUT)):
         pid = propose(stack.client, "web", "POST", stack.target.url + "items", title="printer on fire")
         final = stack.client.wait(pid, timeout=30)
     assert final.state == pdp_pb2.SUCCEEDED, final
@@ -75,7 +52,7 @@ def test_allowed_http_action_is_executed_once_and_the_agent_reads_the_result(sta
 
 
 def test_sql_action_reads_the_real_database(stack: Stack) -> None:
-    with running_executor(stack.config):
+    with running_executor(stack.config(timeout=TIMEOUT)):
         pid = propose(stack.client, "crm", "select", "sql://crm/contacts", where={"name": "Ada"})
         final = stack.client.wait(pid, timeout=30)
     assert final.state == pdp_pb2.SUCCEEDED, final
@@ -85,14 +62,14 @@ def test_sql_action_reads_the_real_database(stack: Stack) -> None:
 
 def test_watch_shows_executing_then_succeeded(stack: Stack) -> None:
     stack.target.slow_seconds = 0.6
-    with running_executor(stack.config):
+    with running_executor(stack.config(timeout=TIMEOUT)):
         pid = propose(stack.client, "web", "POST", stack.target.url + "slow")
         states = [pdp_pb2.ProposalState.Name(p.state) for p in stack.client.watch(pid, timeout=30)]
     assert states[-2:] == ["EXECUTING", "SUCCEEDED"], states
 
 
 def test_a_failing_target_fails_the_proposal_with_the_reason(stack: Stack) -> None:
-    with running_executor(stack.config):
+    with running_executor(stack.config(timeout=TIMEOUT)):
         pid = propose(stack.client, "web", "POST", stack.target.url + "fail")
         final = stack.client.wait(pid, timeout=30)
     assert final.state == pdp_pb2.FAILED
@@ -103,7 +80,7 @@ def test_a_failing_target_fails_the_proposal_with_the_reason(stack: Stack) -> No
 
 def test_a_target_slower_than_the_timeout_fails_with_timeout(stack: Stack) -> None:
     stack.target.slow_seconds = 4
-    with running_executor(stack.config):
+    with running_executor(stack.config(timeout=TIMEOUT)):
         pid = propose(stack.client, "web", "POST", stack.target.url + "slow")
         final = stack.client.wait(pid, timeout=30)
     assert final.state == pdp_pb2.FAILED
@@ -111,7 +88,7 @@ def test_a_target_slower_than_the_timeout_fails_with_timeout(stack: Stack) -> No
 
 
 def test_every_step_is_audited(stack: Stack) -> None:
-    with running_executor(stack.config):
+    with running_executor(stack.config(timeout=TIMEOUT)):
         pid = propose(stack.client, "web", "POST", stack.target.url + "items")
         stack.client.wait(pid, timeout=30)
     engine = create_db_engine(stack.server.database_url)
@@ -130,7 +107,7 @@ def test_every_step_is_audited(stack: Stack) -> None:
 
 
 def test_the_auditors_view_lists_the_execution_steps(stack: Stack) -> None:
-    with running_executor(stack.config):
+    with running_executor(stack.config(timeout=TIMEOUT)):
         ok = propose(stack.client, "web", "POST", stack.target.url + "items")
         failed = propose(stack.client, "web", "POST", stack.target.url + "fail")
         for pid in (ok, failed):

@@ -9,61 +9,26 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Server, fresh_database, running_server, signing_key
-from execution import ExecutorProcess, Target, executor_config, running_executor, target_server, write_bundle
-from sqlalchemy import Engine, select
+from execution import ExecutorProcess, Stack, execution_stack, running_executor
+from sqlalchemy import select
 
-from pdp.client import PdpClient
-from pdp.store.database import create_db_engine
-from pdp.store.migrate import upgrade
 from pdp.store.models import audit_events, circuit_breakers, executions
 from pdp.v1 import pdp_pb2
 
 
-@dataclass
-class Setup:
-    server: Server
-    target: Target
-    client: PdpClient
-    engine: Engine
-    tmp: Path
-    bundle: Path
-    token_file: Path
-
-    def config(self, **settings: Any) -> Path:
-        return executor_config(
-            self.tmp,
-            database_url=self.server.database_url,
-            policy_dir=self.bundle,
-            signing_key=signing_key(),
-            token_file=self.token_file,
-            timeout="20s",
-            **settings,
-        )
-
-    def audit_types(self, pid: str) -> list[str]:
-        with self.engine.connect() as conn:
-            query = select(audit_events.c.type).where(audit_events.c.proposal_id == pid).order_by(audit_events.c.seq)
-            return list(conn.execute(query).scalars())
+class Setup(Stack):
+    def config(self, *, key: Path | None = None, **settings: Any) -> Path:
+        return super().config(key=key, **{"timeout": "20s", **settings})
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
-    with target_server() as target, fresh_database(request.param, tmp_path) as url:
-        upgrade(url)
-        bundle = write_bundle(tmp_path / "bundle", target.url)
-        token_file = tmp_path / "target.token"
-        token_file.write_text(target.token)
-        engine = create_db_engine(url)
-        with running_server(url, policy_dir=bundle) as server:
-            _agent, client = server.agent_client()
-            yield Setup(server, target, client, engine, tmp_path, bundle, token_file)
-        engine.dispose()
+    with execution_stack(request.param, tmp_path) as stack:
+        yield Setup(**vars(stack))
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import PDP, ServeProcess, Server, free_port, fresh_database, running_server
+from conftest import PDP, Server, fresh_database, running_server, start_serve
 from sqlalchemy import select
 
 from pdp.client import PdpClient, PdpClientError
@@ -332,30 +332,13 @@ def test_a_key_scope_counts_per_computed_key(database_url: str, tmp_path: Path) 
 # --- two replicas ----------------------------------------------------------------------------------
 
 
-def _serve(url: str, bundle: Path, directory: Path, env: dict[str, str], name: str) -> ServeProcess:
-    address = f"127.0.0.1:{free_port()}"
-    stdout, stderr = directory / f"{name}.out", directory / f"{name}.err"
-    with stdout.open("w") as out, stderr.open("w") as err:
-        process = subprocess.Popen(
-            [PDP, "serve", "--policy-dir", str(bundle), "--database-url", url, "--grpc-addr", address],
-            stdout=out,
-            stderr=err,
-            text=True,
-            env=env,
-            cwd=directory,
-        )
-    serve = ServeProcess(process, address, stdout, stderr)
-    serve.wait_until_serving()
-    return serve
-
-
 @pytest.mark.backend("postgres")
 def test_two_replicas_enforce_one_limit_not_two(tmp_path: Path, cli_env: dict[str, str]) -> None:
     limits = [{"id": "fleet", "scope": "tool", "rate": "50/1m"}]
     bundle = write_bundle(tmp_path / "bundle", limits)
     with fresh_database("postgres", tmp_path) as url:
         upgrade(url)
-        replicas = [_serve(url, bundle, tmp_path, cli_env, f"serve-{i}") for i in range(2)]
+        replicas = [start_serve(url, tmp_path, cli_env, f"serve-{i}", policy_dir=bundle) for i in range(2)]
         try:
             from pdp.identity.agents import add_agent
             from pdp.store.database import create_db_engine

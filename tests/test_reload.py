@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import threading
 import time
 import urllib.request
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from conftest import PDP, POLICIES, TICKETS, ServeProcess, Server, free_port, running_server, signing_key
+from conftest import POLICIES, TICKETS, Server, break_type, pdp_env, running_server, start_serve
 from sqlalchemy import Engine, select
 
 from pdp.client import PdpClient
@@ -65,17 +64,6 @@ def add_probe_rule(bundle: Path) -> str:
     """Make a good change; returns the policy_version the changed bundle has."""
     (bundle / "rules" / "reload-probe.yaml").write_text(PROBE_RULE)
     return load_bundle(bundle).policy_version
-
-
-def break_type(bundle: Path) -> int:
-    """A type error in one rule (`action.resourse`), as in conftest's broken_bundle; returns its line."""
-    path = bundle / "rules" / "support.yaml"
-    lines = path.read_text().splitlines(keepends=True)
-    target = next(i for i, line in enumerate(lines) if 'action.operation == "POST"\'' in line)
-    indent = lines[target][: len(lines[target]) - len(lines[target].lstrip())]
-    lines[target] = f"{indent}when: 'action.resourse == \"x\"'\n"
-    path.write_text("".join(lines))
-    return target + 1
 
 
 FAILING_TEST = "support reads a ticket"
@@ -431,42 +419,13 @@ def test_a_reload_under_load_drops_no_request(reload_server: tuple[Server, Path]
 # --- SIGHUP on `pdp serve` ----------------------------------------------------------------------------
 
 
-def start_serve_with(database_url: str, directory: Path, bundle: Path, env: dict[str, str]) -> ServeProcess:
-    """`pdp serve` on the given bundle (conftest's start_serve always serves policies/ itself)."""
-    address = f"127.0.0.1:{free_port()}"
-    stdout, stderr = directory / "serve.out", directory / "serve.err"
-    with stdout.open("w") as out, stderr.open("w") as err:
-        process = subprocess.Popen(
-            [PDP, "serve", "--policy-dir", str(bundle), "--database-url", database_url, "--grpc-addr", address],
-            stdout=out,
-            stderr=err,
-            text=True,
-            env=env,
-            cwd=directory,
-        )
-    serve = ServeProcess(process, address, stdout, stderr)
-    try:
-        serve.wait_until_serving()
-    except BaseException:
-        serve.stop()
-        raise
-    return serve
-
-
 @pytest.mark.backend("sqlite")
 def test_sighup_reloads_and_refuses(database_url: str, tmp_path: Path) -> None:
     bundle = copy_policies(tmp_path)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PDP_")}
-    env |= {
-        "PYTHONUNBUFFERED": "1",
-        "PDP_SIGNING_KEY": str(signing_key()),
-        "PDP_CHECKPOINT_FILE": str(tmp_path / "checkpoints.jsonl"),
-        "PDP_ADMIN_ADDR": "127.0.0.1:0",
-        "PDP_POLICY_RELOAD": "sighup",
-    }
+    env = pdp_env(tmp_path) | {"PDP_POLICY_RELOAD": "sighup"}
     engine = create_db_engine(database_url)
     token = add_agent(engine, "sighup-agent", "tester", ("support",))
-    serve = start_serve_with(database_url, tmp_path, bundle, env)
+    serve = start_serve(database_url, tmp_path, env, policy_dir=bundle)
     try:
         with PdpClient(serve.address, token) as client:
             old = probe(client).policy_version

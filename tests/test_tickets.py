@@ -9,25 +9,21 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Server, fresh_database, running_server, signing_key
+from conftest import signing_key
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from execution import Target, executor_config, running_executor, target_server, write_bundle
-from sqlalchemy import Engine, delete, insert, select, update
+from execution import Stack, execution_stack, running_executor
+from sqlalchemy import delete, insert, select, update
 
-from pdp.audit.keys import init_key, load_private, public_path
+from pdp.audit.keys import init_key, load_private
 from pdp.canonical import digest
-from pdp.client import PdpClient
 from pdp.execution import tickets
 from pdp.execution.tickets import TicketRefused
-from pdp.store.database import create_db_engine
-from pdp.store.migrate import upgrade
-from pdp.store.models import audit_events, execution_tickets, proposals
+from pdp.store.models import execution_tickets, proposals
 from pdp.v1 import pdp_pb2
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -101,25 +97,7 @@ def test_any_change_refuses_the_ticket(change: str, reason: str) -> None:
 # --- against a running executor --------------------------------------------------------------------
 
 
-@dataclass
-class Setup:
-    server: Server
-    target: Target
-    client: PdpClient
-    engine: Engine
-    tmp: Path
-    bundle: Path
-    token_file: Path
-
-    def config(self, key: Path | None = None) -> Path:
-        return executor_config(
-            self.tmp,
-            database_url=self.server.database_url,
-            policy_dir=self.bundle,
-            signing_key=key or signing_key(),
-            token_file=self.token_file,
-        )
-
+class Setup(Stack):
     def approved(self, path: str = "items") -> str:
         """An allowed proposal, waiting for an executor (none runs yet)."""
         response = self.client.propose("web", "POST", self.target.url + path, "t", params={"n": 1})
@@ -128,7 +106,7 @@ class Setup:
 
     def execute_pending(self, key: Path | None = None) -> None:
         """Start an executor and let it take every approved proposal."""
-        with running_executor(self.config(key)):
+        with running_executor(self.config(key=key)):
             for pid in self.pending():
                 self.client.wait(pid, timeout=30)
 
@@ -137,15 +115,7 @@ class Setup:
             return list(conn.execute(select(proposals.c.id).where(proposals.c.state == "APPROVED")).scalars())
 
     def refusals(self, pid: str) -> list[str]:
-        import json
-
-        with self.engine.connect() as conn:
-            bodies = conn.execute(
-                select(audit_events.c.body).where(
-                    audit_events.c.proposal_id == pid, audit_events.c.type == "execution.refused"
-                )
-            ).scalars()
-            return [json.loads(b)["data"]["reason"] for b in bodies]
+        return [data["reason"] for kind, data in self.audit(pid) if kind == "execution.refused"]
 
     def state(self, pid: str) -> str:
         return pdp_pb2.ProposalState.Name(self.client.get(pid).state)
@@ -153,16 +123,8 @@ class Setup:
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
-    with target_server() as target, fresh_database(request.param, tmp_path) as url:
-        upgrade(url)
-        bundle = write_bundle(tmp_path / "bundle", target.url)
-        token_file = tmp_path / "target.token"
-        token_file.write_text(target.token)
-        engine = create_db_engine(url)
-        with running_server(url, policy_dir=bundle) as server:
-            _agent, client = server.agent_client()
-            yield Setup(server, target, client, engine, tmp_path, bundle, token_file)
-        engine.dispose()
+    with execution_stack(request.param, tmp_path) as stack:
+        yield Setup(**vars(stack))
 
 
 def _refused(setup: Setup, pid: str, reason: str) -> None:
@@ -259,4 +221,3 @@ def test_an_executor_trusting_another_key_runs_nothing(setup: Setup, tmp_path: P
     setup.execute_pending(key=other)
     _refused(setup, pid, "ticket.bad_signature")
     assert setup.target.count() == 0
-    assert public_path(other).exists()
