@@ -33,7 +33,7 @@ from pdp.v1 import pdp_pb2
 OWNER = "alice"
 
 
-def write_bundle(directory: Path, target_url: str, *, tightened: bool = False) -> Path:
+def write_bundle(directory: Path, target_url: str, *, tightened: bool = False, usage: bool = False) -> Path:
     """`web` writes: `two` needs 2 leads, `oncall` needs 1 of ops, `brief` expires in 1 s; tightened denies `two`."""
     directory.mkdir(parents=True, exist_ok=True)
     rules: list[dict[str, Any]] = [
@@ -52,6 +52,8 @@ def write_bundle(directory: Path, target_url: str, *, tightened: bool = False) -
             "approval": {"groups": ["leads"], "min_approvals": 1, "expires_in": "1s"},
         },
     ]
+    if usage:  # a bundle that reads usage counters; this rule never fires here
+        rules.append({"id": "busy", "effect": "deny", "when": "usage.agent.proposals_last_minute > 1000"})
     if tightened:
         rules.append({"id": "freeze", "effect": "deny", "when": "has(action.params.two)", "message": '"change freeze"'})
     documents = [
@@ -363,3 +365,22 @@ def test_a_webhook_hears_of_each_new_pending_proposal_without_its_content(tmp_pa
         "resource": target.url + "items",
         "link": f"https://pdp.example/proposals/{pending.proposal_id}",
     }
+
+
+def test_a_bundle_that_reads_usage_is_re_decided_with_usage_at_quorum(world: World) -> None:
+    pid = world.pending(oncall=True)  # decided by a bundle that does not read usage: no counters recorded
+    assert world.server.running is not None
+    world.server.running.bundles.swap(load_bundle(write_bundle(world.tmp / "usage", world.target.url, usage=True)))
+    # Without fresh counters the `busy` rule could not evaluate, fail closed, and deny what the quorum approved.
+    assert world.service.approve(world.approver("oncall-1", "ops"), pid).state == "APPROVED"
+    assert world.tickets(pid) == 1
+
+
+def test_the_list_is_capped_after_filtering(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pdp.approvals.service as approvals_service
+
+    monkeypatch.setattr(approvals_service, "MAX_LISTED", 1)
+    for _ in range(2):
+        world.pending()  # for the leads: older, and not this approver's
+    mine = world.pending(oncall=True)
+    assert [p.proposal_id for p in world.service.pending(world.approver("oncall-1", "ops"))] == [mine]

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from conftest import PDP, Server, fresh_database, running_server, start_serve
 from sqlalchemy import select
+from test_observability import delta, scrape
 
 from pdp.client import PdpClient, PdpClientError
 from pdp.governance.limits import window_start
@@ -172,7 +173,10 @@ def test_a_rate_limit_denies_the_one_over_with_retry_after_then_admits_again(dat
         _, client = world.agent()
         _, other = world.agent()
         fresh_window(timedelta(seconds=2))
+        _, before = scrape(server.admin_url + "/metrics")
         outcomes = [propose(client).decision for _ in range(4)]
+        _, after = scrape(server.admin_url + "/metrics")
+        assert delta(before, after, "pdp_limit_hits_total", limit="burst", effect="deny") == 1
         assert [d.outcome for d in outcomes] == [pdp_pb2.ALLOW] * 3 + [pdp_pb2.DENY]
         denied = outcomes[-1]
         assert denied.reasons[0].rule_id == "limit:burst" and "retry after" in denied.reasons[0].message
@@ -280,6 +284,8 @@ def test_an_approver_can_release_a_quarantined_agent_through_the_api(database_ur
         headers = {"Authorization": f"Bearer {token}"}
         url = f"{server.admin_url}/api/v1/agents/{stormer_id}/release"
         assert httpx.post(url).status_code == 401
+        owner = {"Authorization": f"Bearer {add_approver(server.engine, 'owner', ['ops'])}"}
+        assert httpx.post(url, headers=owner).status_code == 403  # separation of duties
         assert httpx.post(url, headers=headers).status_code == 204
         assert httpx.post(url, headers=headers).status_code == 409
         assert httpx.post(f"{server.admin_url}/api/v1/agents/nobody/release", headers=headers).status_code == 404

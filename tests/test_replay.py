@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -366,3 +366,20 @@ def test_same_content_is_recognised_whatever_the_git_commit() -> None:
     report = replay(bundle, bodies)
     assert (report.compared, report.same_content, report.identical) == (2, 1, False)
     assert replay(bundle, bodies[:1]).identical
+
+
+def test_a_candidate_that_reads_usage_does_not_compare_history_recorded_without_it(tmp_path: Path) -> None:
+    candidate = tmp_path / "candidate"
+    shutil.copytree(POLICIES, candidate)
+    (candidate / "rules" / "usage.yaml").write_text(
+        "apiVersion: pdp/v1\nkind: Rules\nrules:\n"
+        "  - id: busy\n    effect: deny\n    when: 'usage.agent.proposals_last_minute > 100'\n"
+    )
+    bundle = load_bundle(candidate)
+    assert bundle.uses_usage
+    request = DecisionInput(OPS, ActionInput("tickets", "GET", PREFIX + "tickets/1"), SATURDAY)
+    counted = replace(request, usage={"agent": {"proposals_last_minute": 3, "spend_today_usd": 0.0}})
+    bodies = [decided_body(bundle, request, "before-usage"), decided_body(bundle, counted, "with-usage")]
+    report = replay(bundle, bodies)
+    # Without the guard, the first would be replayed with no counters and "flip" to deny on a CEL error.
+    assert (report.compared, report.without_usage, report.changes) == (1, 1, ())

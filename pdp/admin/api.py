@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from pdp.approvals.service import (
     MAX_TEXT,
     ApprovalService,
-    ApprovalView,
     PendingItem,
     ProposalDetail,
     RequirementView,
@@ -27,6 +26,7 @@ from pdp.approvals.service import (
 )
 from pdp.errors import NotFound, Unauthenticated
 from pdp.identity.approvers import Approver
+from pdp.store.proposals import ApprovalRecord
 
 JUSTIFICATION_NOTE = "written by the agent; not verified and never seen by policy"
 # What the service accepts, documented for clients and fuzzers. Only documented: the service checks the text
@@ -93,7 +93,7 @@ class Approval(BaseModel):
     decided_at: datetime
 
     @classmethod
-    def of(cls, a: ApprovalView) -> Approval:
+    def of(cls, a: ApprovalRecord) -> Approval:
         return cls(approver_id=a.approver_id, verdict=a.verdict, comment=a.comment, decided_at=a.decided_at)
 
 
@@ -204,7 +204,7 @@ class RejectBody(BaseModel):
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     descriptions = {
         401: "missing, unknown or revoked approver token",
-        403: "not eligible to decide this proposal",
+        403: "not eligible (to decide this proposal; to release an agent one owns)",
         404: "no such proposal",
         409: "no longer pending approval (for a release: the agent is not quarantined)",
         422: "malformed request; `field` names the culprit",
@@ -291,7 +291,7 @@ def reject(id: str, approver: ApproverDep, service: ServiceDep, body: RejectBody
 @router.post(
     "/agents/{agent_id}/release",
     status_code=204,
-    responses=_errors(401, 404, 409, 422),
+    responses=_errors(401, 403, 404, 409, 422),
     tags=["governance"],
 )
 def release(agent_id: str, approver: ApproverDep, service: ServiceDep) -> Response:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -30,15 +30,17 @@ from pdp.canonical import timestamp
 from pdp.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from pdp.execution import tickets
 from pdp.governance import limits
+from pdp.governance import store as governance_store
 from pdp.governance.release import release_agent
 from pdp.identity.approvers import Approver, active_approver, authenticate_approver
 from pdp.observability import logs, metrics, tracing
 from pdp.policy.bundle import ActiveBundle
 from pdp.policy.decision import Decision, Outcome
-from pdp.policy.engine import ActionInput, AgentIdentity, DecisionInput, decide
+from pdp.policy.engine import decide
+from pdp.proposals.recorded import decision_input
 from pdp.proposals.states import ProposalState
-from pdp.store.models import approvals, audit_events, proposals
-from pdp.store.proposals import ProposalRecord, get_proposal_for_update, insert_ticket
+from pdp.store.models import agents, approvals, audit_events, proposals
+from pdp.store.proposals import ApprovalRecord, ProposalRecord, get_proposal_for_update, insert_ticket
 from pdp.store.writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
@@ -55,14 +57,6 @@ class RequirementView:
     groups: tuple[str, ...]
     min_approvals: int
     approvals: int
-
-
-@dataclass(frozen=True, slots=True)
-class ApprovalView:
-    approver_id: str
-    verdict: str
-    comment: str
-    decided_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +99,7 @@ class ProposalDetail:
     created_at: datetime
     expires_at: datetime | None
     seconds_left: int
-    approvals: tuple[ApprovalView, ...]
+    approvals: tuple[ApprovalRecord, ...]
     timeline: tuple[TimelineEntry, ...]
     # Whether this approver may vote now, and if not, why.
     can_vote: bool
@@ -117,7 +111,8 @@ class VoteResult:
     proposal_id: str
     state: str
     requirements: tuple[RequirementView, ...]
-    approvals: tuple[ApprovalView, ...]
+    approvals: tuple[ApprovalRecord, ...]
+    created_at: datetime  # of the proposal: how long approvers took is a metric
 
 
 def _owner(record: ProposalRecord) -> str:
@@ -136,45 +131,49 @@ def _seconds_left(record: ProposalRecord, now: datetime) -> int:
     return max(0, int((expires - now).total_seconds())) if expires is not None else 0
 
 
-def _expired(record: ProposalRecord, now: datetime) -> bool:
+def overdue(record: ProposalRecord, now: datetime) -> bool:
+    """Pending past its deadline. (A pending proposal without one cannot exist; it would count as overdue.)"""
     expires = record.decision.approval_expires_at
-    # A pending proposal without an expiry cannot exist (the engine always sets one); treat it as expired.
     return record.state is PENDING and (expires is None or expires <= now)
 
 
-def _load(conn: Connection, proposal_id: str, *, lock: bool = False) -> ProposalRecord:
-    if lock:
-        return get_proposal_for_update(conn, proposal_id)
+def _load(conn: Connection, proposal_id: str) -> ProposalRecord:
     row = conn.execute(select(proposals).where(proposals.c.id == proposal_id)).mappings().first()
     if row is None:
         raise NotFound(f"proposal {proposal_id!r} not found")
     return ProposalRecord.from_row(row)
 
 
-def _votes(conn: Connection, proposal_id: str) -> list[tuple[Vote, ApprovalView, str]]:
-    rows = conn.execute(
-        select(approvals).where(approvals.c.proposal_id == proposal_id).order_by(approvals.c.decided_at)
-    ).mappings()
-    return [
-        (
-            Vote(r["approver_id"], frozenset(r["groups"]), r["verdict"]),
-            ApprovalView(r["approver_id"], r["verdict"], r["comment"], r["decided_at"]),
-            r["action_digest"],
+_VOTES = select(approvals).order_by(approvals.c.decided_at, approvals.c.approver_id)
+
+
+def _votes(conn: Connection, proposal_ids: Sequence[str]) -> dict[str, list[tuple[Vote, ApprovalRecord]]]:
+    """The votes on each proposal, in the order they were cast (one query for all of them)."""
+    found: dict[str, list[tuple[Vote, ApprovalRecord]]] = {pid: [] for pid in proposal_ids}
+    if not proposal_ids:
+        return found
+    for r in conn.execute(_VOTES.where(approvals.c.proposal_id.in_(list(proposal_ids)))).mappings():
+        found[r["proposal_id"]].append(
+            (
+                Vote(r["approver_id"], frozenset(r["groups"]), r["verdict"]),
+                ApprovalRecord(r["approver_id"], r["verdict"], r["comment"], r["decided_at"]),
+            )
         )
-        for r in rows
-    ]
+    return found
 
 
-def expire(conn: Connection, record: ProposalRecord, now: datetime) -> bool:
-    """PENDING_APPROVAL → EXPIRED with its audit event, if it is still pending; True when it changed."""
-    done = conn.execute(
-        update(proposals)
-        .where(proposals.c.id == record.id, proposals.c.state == PENDING.value)
-        .values(state=ProposalState.EXPIRED.value, updated_at=now)
+def expire_if_due(conn: Connection, proposal_id: str, now: datetime) -> tuple[ProposalRecord, bool]:
+    """In a writer unit: lock the chain, then the proposal; expire it if overdue. (record, whether it expired).
+
+    The one way a proposal expires: the sweeper, every read that finds it overdue, and every vote use it.
+    """
+    chain.lock_chain(conn)  # the lock order of every writer: chain, then proposal rows
+    record = get_proposal_for_update(conn, proposal_id)
+    if not overdue(record, now):
+        return record, False
+    conn.execute(
+        update(proposals).where(proposals.c.id == record.id).values(state=ProposalState.EXPIRED.value, updated_at=now)
     )
-    if done.rowcount == 0:
-        return False
-    chain.lock_chain(conn)
     chain.append(
         conn,
         Event(
@@ -193,7 +192,7 @@ def expire(conn: Connection, record: ProposalRecord, now: datetime) -> bool:
             },
         ),
     )
-    return True
+    return replace(record, state=ProposalState.EXPIRED, updated_at=now), True
 
 
 class ApprovalService:
@@ -235,36 +234,35 @@ class ApprovalService:
         now = self._clock()
         with self._reader.connect() as conn:
             rows = conn.execute(
-                select(proposals)
-                .where(proposals.c.state == PENDING.value)
-                .order_by(proposals.c.created_at)
-                .limit(MAX_LISTED)
+                select(proposals).where(proposals.c.state == PENDING.value).order_by(proposals.c.created_at)
             ).mappings()
             records = [ProposalRecord.from_row(r) for r in rows]
-            overdue = {r.id for r in records if _expired(r, now)}
-            items = []
-            for record in records:
-                if record.id in overdue:
-                    continue
-                votes = [v for v, _, _ in _votes(conn, record.id)]
-                if quorum.ineligible(approver, _owner(record), record.decision.approval_requirements, votes):
-                    continue
-                action = record.action
-                items.append(
-                    PendingItem(
-                        proposal_id=record.id,
-                        agent_id=record.agent_id,
-                        owner=_owner(record),
-                        tool=action["tool"],
-                        operation=action["operation"],
-                        resource=action["resource"],
-                        created_at=record.created_at,
-                        expires_at=record.decision.approval_expires_at,
-                        seconds_left=_seconds_left(record, now),
-                        requirements=_requirements(record.decision, votes),
-                    )
+            overdue_ids = {r.id for r in records if overdue(r, now)}
+            live = [r for r in records if r.id not in overdue_ids]
+            all_votes = _votes(conn, [r.id for r in live])
+        items: list[PendingItem] = []
+        for record in live:
+            votes = [vote for vote, _ in all_votes[record.id]]
+            if quorum.ineligible(approver, _owner(record), record.decision.approval_requirements, votes):
+                continue
+            if len(items) == MAX_LISTED:  # the approver's own list is capped, after filtering
+                break
+            action = record.action
+            items.append(
+                PendingItem(
+                    proposal_id=record.id,
+                    agent_id=record.agent_id,
+                    owner=_owner(record),
+                    tool=action["tool"],
+                    operation=action["operation"],
+                    resource=action["resource"],
+                    created_at=record.created_at,
+                    expires_at=record.decision.approval_expires_at,
+                    seconds_left=_seconds_left(record, now),
+                    requirements=_requirements(record.decision, votes),
                 )
-        if overdue:
+            )
+        if overdue_ids:
             self.expire_due()
         return items
 
@@ -273,17 +271,16 @@ class ApprovalService:
         now = self._clock()
         with self._reader.connect() as conn:
             record = _load(conn, proposal_id)
-        if _expired(record, now):
-            self.expire_due()
+        if overdue(record, now):
+            record = self._writer.submit(lambda conn: expire_if_due(conn, proposal_id, now)[0]).result()
         with self._reader.connect() as conn:
-            record = _load(conn, proposal_id)
-            votes = _votes(conn, proposal_id)
+            votes = _votes(conn, [proposal_id])[proposal_id]
             timeline = conn.execute(
                 select(audit_events.c.seq, audit_events.c.type, audit_events.c.actor, audit_events.c.body)
                 .where(audit_events.c.proposal_id == proposal_id)
                 .order_by(audit_events.c.seq)
             ).all()
-        plain = [v for v, _, _ in votes]
+        plain = [vote for vote, _ in votes]
         why_not = ""
         if record.state is not PENDING:
             why_not = f"the proposal is {record.state.value}, not pending approval"
@@ -306,7 +303,7 @@ class ApprovalService:
             created_at=record.created_at,
             expires_at=decision.approval_expires_at,
             seconds_left=_seconds_left(record, now) if record.state is PENDING else 0,
-            approvals=tuple(view for _, view, _ in votes),
+            approvals=tuple(view for _, view in votes),
             timeline=tuple(TimelineEntry(t.seq, t.type, t.actor, _occurred_at(t.body)) for t in timeline),
             can_vote=not why_not,
             why_not=why_not,
@@ -323,39 +320,28 @@ class ApprovalService:
     def _vote(self, approver: Approver, proposal_id: str, verdict: str, text: str) -> VoteResult:
         with tracing.vote_span(proposal_id, verdict, approver.id) as span, logs.context(proposal_id=proposal_id):
             outcome = self._writer.submit(lambda conn: self._vote_unit(conn, approver.id, proposal_id, verdict, text))
-            result = outcome.result()
-            if isinstance(result, str):  # the proposal expired on this vote: committed, then refused
-                span.set_attribute("pdp.state", ProposalState.EXPIRED.value)
-                self._observe_final(proposal_id, ProposalState.EXPIRED.value)
-                raise FailedPrecondition(result)
+            result = outcome.result()  # committed, including an expiry this vote found
             span.set_attribute("pdp.state", result.state)
-            log.info("%s by %s: the proposal is %s", verdict, approver.id, result.state)
             if result.state != PENDING.value:
-                self._observe_final(proposal_id, result.state)
+                metrics.approval_finished(result.state.lower(), (self._clock() - result.created_at).total_seconds())
+            if result.state == ProposalState.EXPIRED.value:
+                raise FailedPrecondition(f"proposal {proposal_id} expired before this vote; nothing was recorded")
+            log.info("%s by %s: the proposal is %s", verdict, approver.id, result.state)
             return result
 
-    def _observe_final(self, proposal_id: str, state: str) -> None:
-        """Approval latency, once a vote ended the wait (committed; one indexed read, votes are rare)."""
-        with self._reader.connect() as conn:
-            created_at = conn.execute(select(proposals.c.created_at).where(proposals.c.id == proposal_id)).scalar()
-        if created_at is not None:
-            metrics.approval_finished(state.lower(), (self._clock() - created_at).total_seconds())
-
-    def _vote_unit(
-        self, conn: Connection, approver_id: str, proposal_id: str, verdict: str, text: str
-    ) -> VoteResult | str:
-        chain.lock_chain(conn)
+    def _vote_unit(self, conn: Connection, approver_id: str, proposal_id: str, verdict: str, text: str) -> VoteResult:
         now = self._clock()
-        approver = active_approver(conn, approver_id)  # revoked since login → 401; groups as of now
-        record = _load(conn, proposal_id, lock=True)
-        if _expired(record, now):
-            expire(conn, record, now)
-            return f"proposal {proposal_id} expired at {record.decision.approval_expires_at}; nothing was recorded"
+        record, expired = expire_if_due(conn, proposal_id, now)  # takes the chain's lock, then the row's
+        earlier = _votes(conn, [proposal_id])[proposal_id]
+        requirements = record.decision.approval_requirements
+        votes = [vote for vote, _ in earlier]
+        if expired:
+            return VoteResult(
+                record.id, record.state.value, _requirements(record.decision, votes), (), record.created_at
+            )
         if record.state is not PENDING:
             raise FailedPrecondition(f"proposal {proposal_id} is {record.state.value}, not pending approval")
-        earlier = _votes(conn, proposal_id)
-        votes = [v for v, _, _ in earlier]
-        requirements = record.decision.approval_requirements
+        approver = active_approver(conn, approver_id)  # revoked since login → 401; groups as of now
         why = quorum.ineligible(approver, _owner(record), requirements, votes)
         if why:
             raise PermissionDenied(why)
@@ -371,23 +357,19 @@ class ApprovalService:
                 decided_at=now,
             )
         )
-        vote = Vote(approver.id, frozenset(groups), verdict)
-        votes.append(vote)
+        votes.append(Vote(approver.id, frozenset(groups), verdict))
         state = PENDING
         if verdict == REJECT:
             state = ProposalState.REJECTED
         elif quorum.quorum_met(requirements, votes):
-            # An approval binds to the action its approver saw: all of them must have seen this one.
-            if any(digest != record.action_digest for _, _, digest in earlier):
-                raise FailedPrecondition("the action changed after earlier approvals; it cannot be approved")
             state = ProposalState.APPROVED
         self._append_vote(conn, record, approver, verdict, text, groups, now, state)
         if state is ProposalState.APPROVED:
-            state = self._at_quorum(conn, record, [*earlier, (vote, None, record.action_digest)], now)
+            state = self._at_quorum(conn, record, votes, now)
         elif state is ProposalState.REJECTED:
             self._set_state(conn, record.id, state, now)
-        views = [view for _, view, _ in earlier] + [ApprovalView(approver.id, verdict, text, now)]
-        return VoteResult(record.id, state.value, _requirements(record.decision, votes), tuple(views))
+        views = (*(view for _, view in earlier), ApprovalRecord(approver.id, verdict, text, now))
+        return VoteResult(record.id, state.value, _requirements(record.decision, votes), views, record.created_at)
 
     def _append_vote(
         self,
@@ -421,16 +403,16 @@ class ApprovalService:
             ),
         )
 
-    def _at_quorum(
-        self, conn: Connection, record: ProposalRecord, votes: list[tuple[Vote, Any, str]], now: datetime
-    ) -> ProposalState:
+    def _at_quorum(self, conn: Connection, record: ProposalRecord, votes: list[Vote], now: datetime) -> ProposalState:
         """Re-decide with the current bundle: deny wins (→ DENIED); anything else → APPROVED with a ticket."""
         bundle = self._bundles.current
-        request = self._redecision_input(record, now)
+        request = replace(decision_input(record.action, record.decision_input), now=now, environment=self._environment)
+        if bundle.uses_usage:  # the counters as they are now, as a new proposal would see them
+            request = replace(request, usage=governance_store.usage(conn, record.agent_id, now))
         decision = decide(bundle, request)
         approved = [
             {"approver_id": v.approver_id, "groups": sorted(v.groups), "verdict": v.verdict}
-            for v, _, _ in votes
+            for v in votes
             if v.verdict == APPROVE
         ]
         event = Event(
@@ -482,35 +464,16 @@ class ApprovalService:
             ttl=self._ticket_ttl,
         )
         insert_ticket(conn, ticket)
-        self._set_state(conn, record.id, ProposalState.APPROVED, now)
         # Approved spend counts against today's budgets (DESIGN §8); a rejected or expired one never does.
         charged = limits.charge_approved(conn, bundle, request)
-        conn.execute(update(proposals).where(proposals.c.id == record.id).values(charged_usd=charged))
+        conn.execute(
+            update(proposals)
+            .where(proposals.c.id == record.id)
+            .values(state=ProposalState.APPROVED.value, charged_usd=charged, updated_at=now)
+        )
         event.data.update(to_state=ProposalState.APPROVED.value, ticket=ticket.audit())
         chain.append(conn, event)
         return ProposalState.APPROVED
-
-    def _redecision_input(self, record: ProposalRecord, now: datetime) -> DecisionInput:
-        agent = record.decision_input.get("agent", {})
-        action = record.action
-        return DecisionInput(
-            agent=AgentIdentity(
-                agent.get("id", record.agent_id),
-                agent.get("owner", ""),
-                tuple(agent.get("roles", ())),
-                dict(agent.get("labels", {})),
-            ),
-            action=ActionInput(
-                tool=action["tool"],
-                operation=action["operation"],
-                resource=action["resource"],
-                params=action.get("params") or {},
-                estimated_cost_usd=float(action.get("estimated_cost_usd", 0.0)),
-                labels=action.get("labels") or {},
-            ),
-            now=now,
-            environment=self._environment,
-        )
 
     @staticmethod
     def _set_state(conn: Connection, proposal_id: str, state: ProposalState, now: datetime) -> None:
@@ -519,10 +482,15 @@ class ApprovalService:
     # --- quarantines -------------------------------------------------------------------------------
 
     def release_agent(self, approver: Approver, agent_id: str) -> None:
-        """Lift a retry-storm quarantine; any active approver may (it is audited with their id)."""
-        self._writer.submit(
-            lambda conn: release_agent(conn, agent_id, f"approver:{approver.id}", self._clock())
-        ).result()
+        """Lift a retry-storm quarantine: any active approver but the agent's owner (separation of duties)."""
+
+        def unit(conn: Connection) -> None:
+            owner = conn.execute(select(agents.c.owner).where(agents.c.id == agent_id)).scalar()
+            if owner == approver.id:
+                raise PermissionDenied("separation of duties: the agent's owner may not release it")
+            release_agent(conn, agent_id, f"approver:{approver.id}", self._clock())
+
+        self._writer.submit(unit).result()
 
     # --- expiry ------------------------------------------------------------------------------------
 
@@ -545,10 +513,9 @@ class ApprovalService:
         created: list[datetime] = []
 
         def unit(conn: Connection) -> int:
-            chain.lock_chain(conn)  # the lock order of every writer: chain, then proposal rows
             for proposal_id in due:
-                record = _load(conn, proposal_id, lock=True)
-                if _expired(record, now) and expire(conn, record, now):
+                record, expired = expire_if_due(conn, proposal_id, now)
+                if expired:
                     created.append(record.created_at)
             return len(created)
 

@@ -246,6 +246,8 @@ def _print_replay(report: ReplayReport, candidate: Path, since: str | None, limi
     print(f"compared:   {report.compared}")
     if report.runtime_decided:
         print(f"skipped:    {report.runtime_decided} decided by runtime state (breaker/limit): not compared")
+    if report.without_usage:
+        print(f"skipped:    {report.without_usage} recorded without usage counters, which the candidate reads")
     if report.unreadable:
         print(f"skipped:    {report.unreadable} unreadable proposal.decided events")
     for version, count in sorted(report.recorded_versions.items()):

@@ -34,6 +34,7 @@ from sqlalchemy import Connection
 from pdp.audit.chain import Event
 from pdp.canonical import timestamp
 from pdp.governance import store
+from pdp.governance.store import day_start
 from pdp.policy.bundle import Limit, PolicyBundle
 from pdp.policy.cel import CelError
 from pdp.policy.decision import ApprovalRequirement, Decision, Outcome, Reason
@@ -77,10 +78,6 @@ def scope_key(bundle: PolicyBundle, limit: Limit, request: DecisionInput) -> str
 def window_start(now: datetime, window: timedelta) -> datetime:
     seconds = window.total_seconds()
     return EPOCH + timedelta(seconds=math.floor((now - EPOCH).total_seconds() / seconds) * seconds)
-
-
-def day_start(now: datetime) -> datetime:
-    return now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
 def _seconds(delta: timedelta) -> int:

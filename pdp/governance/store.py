@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, func, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from pdp.store.models import limit_counters, proposals, quarantines
@@ -98,17 +98,19 @@ def release(conn: Connection, agent_id: str, by: str, now: datetime) -> bool:
     return done.rowcount > 0
 
 
+def day_start(now: datetime) -> datetime:
+    """Midnight UTC of ``now``'s day: budgets and ``usage.agent.spend_today_usd`` count from here."""
+    return now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
 def usage(conn: Connection, agent_id: str, now: datetime) -> dict[str, Any]:
-    """What CEL sees as ``usage``: the agent's proposals in the last minute and its spend today (UTC)."""
-    minute = conn.execute(
-        select(func.count()).where(
-            proposals.c.agent_id == agent_id, proposals.c.created_at > now - timedelta(minutes=1)
-        )
-    ).scalar_one()
-    today = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    spent = conn.execute(
-        select(func.coalesce(func.sum(proposals.c.charged_usd), 0.0)).where(
-            proposals.c.agent_id == agent_id, proposals.c.created_at >= today
-        )
-    ).scalar_one()
-    return {"agent": {"proposals_last_minute": int(minute), "spend_today_usd": float(spent)}}
+    """What CEL sees as ``usage``: the agent's proposals in the last minute and its spend today (UTC), one query."""
+    minute_ago, today = now - timedelta(minutes=1), day_start(now)
+    created = proposals.c.created_at
+    row = conn.execute(
+        select(
+            func.coalesce(func.sum(case((created > minute_ago, 1), else_=0)), 0),
+            func.coalesce(func.sum(case((created >= today, proposals.c.charged_usd), else_=0.0)), 0.0),
+        ).where(proposals.c.agent_id == agent_id, created >= min(minute_ago, today))
+    ).one()
+    return {"agent": {"proposals_last_minute": int(row[0]), "spend_today_usd": float(row[1])}}

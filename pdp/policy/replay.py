@@ -23,7 +23,8 @@ from sqlalchemy import Engine, select
 from pdp.canonical import timestamp
 from pdp.policy.bundle import PolicyBundle
 from pdp.policy.decision import Decision, Outcome, Reason
-from pdp.policy.engine import ActionInput, AgentIdentity, DecisionInput, decide
+from pdp.policy.engine import DecisionInput, decide
+from pdp.proposals.recorded import decision_input
 from pdp.store.models import audit_events
 
 DECIDED = "proposal.decided"
@@ -68,26 +69,8 @@ def recorded_decision(body: Mapping[str, Any]) -> RecordedDecision:
     try:
         data = body["data"]
         action, recorded, seen = data["action"], data["decision"], data["decision_input"]
-        agent, context = seen["agent"], seen["context"]
-        request = DecisionInput(
-            agent=AgentIdentity(
-                id=str(agent["id"]),
-                owner=str(agent.get("owner", "")),
-                roles=tuple(agent.get("roles", ())),
-                labels=dict(agent.get("labels", {})),
-            ),
-            action=ActionInput(
-                tool=str(action["tool"]),
-                operation=str(action["operation"]),
-                resource=str(action["resource"]),
-                params=dict(action.get("params", {})),
-                estimated_cost_usd=float(action.get("estimated_cost_usd", 0.0)),
-                labels=dict(action.get("labels", {})),
-            ),
-            now=_parse_time(context["now"]),
-            environment=str(context.get("environment", "")),
-            usage=dict(seen.get("usage", {})),
-        )
+        _parse_time(seen["context"]["now"])  # recorded times carry their zone
+        request = decision_input(action, seen)
         return RecordedDecision(
             proposal_id=str(body["proposal_id"]),
             occurred_at=_parse_time(body["occurred_at"]),
@@ -148,6 +131,7 @@ class ReplayReport:
     candidate_version: str
     compared: int  # proposals re-decided and compared
     runtime_decided: int  # decided by runtime state (breaker/limit): not compared
+    without_usage: int  # recorded without usage counters, but the candidate reads usage: not compared
     unreadable: int  # proposal.decided events without what a replay needs: skipped
     same_content: int  # compared proposals decided by a bundle with the candidate's very content
     counts: Mapping[tuple[Outcome, Outcome], int]  # (recorded, candidate) -> proposals, all nine cells
@@ -158,7 +142,7 @@ class ReplayReport:
 
     @property
     def replayed(self) -> int:
-        return self.compared + self.runtime_decided + self.unreadable
+        return self.compared + self.runtime_decided + self.without_usage + self.unreadable
 
     @property
     def flips(self) -> tuple[Change, ...]:
@@ -180,6 +164,7 @@ class ReplayReport:
             "replayed": self.replayed,
             "compared": self.compared,
             "decided_by_runtime_state": self.runtime_decided,
+            "recorded_without_usage": self.without_usage,
             "unreadable": self.unreadable,
             "same_content_as_candidate": self.same_content,
             "identical": self.identical,
@@ -207,7 +192,7 @@ def replay(bundle: PolicyBundle, events: Iterable[Mapping[str, Any]]) -> ReplayR
     counts: Counter[tuple[Outcome, Outcome]] = Counter({(old, new): 0 for old in OUTCOMES for new in OUTCOMES})
     versions: Counter[str] = Counter()
     changes: list[Change] = []
-    compared = runtime_decided = unreadable = same_content = 0
+    compared = runtime_decided = without_usage = unreadable = same_content = 0
     first_at: datetime | None = None
     last_at: datetime | None = None
     candidate_digest = content_digest(bundle.policy_version)
@@ -224,6 +209,11 @@ def replay(bundle: PolicyBundle, events: Iterable[Mapping[str, Any]]) -> ReplayR
         last_at = at if last_at is None or at > last_at else last_at
         if recorded.decided_by_runtime_state:
             runtime_decided += 1
+            continue
+        if bundle.uses_usage and not recorded.request.usage:
+            # The bundle that decided it did not read usage, so its counters were never recorded: a
+            # candidate's usage rule would see none and fail, which is no evidence of a change.
+            without_usage += 1
             continue
         compared += 1
         old = recorded.decision
@@ -253,6 +243,7 @@ def replay(bundle: PolicyBundle, events: Iterable[Mapping[str, Any]]) -> ReplayR
         candidate_version=bundle.policy_version,
         compared=compared,
         runtime_decided=runtime_decided,
+        without_usage=without_usage,
         unreadable=unreadable,
         same_content=same_content,
         counts=dict(counts),

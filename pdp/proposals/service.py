@@ -11,15 +11,14 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Connection, Engine
 
 from pdp.approvals.notify import Notifier
-from pdp.approvals.service import expire
+from pdp.approvals.service import expire_if_due, overdue
 from pdp.audit import chain, events
-from pdp.canonical import digest, timestamp
+from pdp.canonical import digest
 from pdp.execution import tickets
 from pdp.execution.circuits import CircuitBoard, deny_if_open
 from pdp.execution.tickets import SignedTicket
@@ -31,6 +30,7 @@ from pdp.observability.metrics import approval_finished, limit_hit
 from pdp.policy.bundle import ActiveBundle, PolicyBundle
 from pdp.policy.decision import Decision, Outcome
 from pdp.policy.engine import AgentIdentity, DecisionInput, decide
+from pdp.proposals.recorded import decision_context
 from pdp.proposals.states import INITIAL_STATE, ProposalState
 from pdp.proposals.validation import ProposalInput
 from pdp.store import proposals as store
@@ -152,7 +152,7 @@ class ProposalService:
                 justification=proposal.justification,
                 state=INITIAL_STATE[final.outcome],
                 decision=final,
-                decision_input=_decision_context(exact),
+                decision_input=decision_context(exact),
                 created_at=now,
                 updated_at=now,
                 charged_usd=governed.charged_usd,
@@ -165,10 +165,12 @@ class ProposalService:
                 chain.append(conn, events.proposal_decided(record, ticket))
                 for event in governed.events:
                     chain.append(conn, event)
-            self._limit_hits(governed.hits)
+            hits.extend(governed.hits)
             return recorded
 
+        hits: list[Hit] = []  # counted for metrics once the unit committed (an error records nothing)
         future = self._writer.submit(unit)
+        future.add_done_callback(lambda done: self._limit_hits(done, hits))
         if self._notifier is not None:
             future.add_done_callback(self._notify)
         return future
@@ -186,10 +188,11 @@ class ProposalService:
         )
 
     @staticmethod
-    def _limit_hits(hits: list[Hit]) -> None:
-        """Counted for metrics (a no-op until observability is configured)."""
-        for hit in hits:
-            limit_hit(hit.limit_id, hit.effect)
+    def _limit_hits(done: Future[Recorded], hits: list[Hit]) -> None:
+        """Limit hits count for metrics only when the proposal they decided was recorded."""
+        if not done.cancelled() and done.exception() is None:
+            for hit in hits:
+                limit_hit(hit.limit_id, hit.effect)
 
     def _notify(self, future: Future[Recorded]) -> None:
         """Tell approvers a new proposal waits for them, once it is durable; never blocks or fails the agent."""
@@ -204,19 +207,15 @@ class ProposalService:
         with self._engine.connect() as conn:
             require_active(conn, caller)
             record = store.get_proposal(conn, proposal_id, caller.agent.id)
-        if record.state is ProposalState.PENDING_APPROVAL and _overdue(record, self._clock()):
+        now = self._clock()
+        if overdue(record, now):
             # Expiry is checked on every read, so the agent never sees an overdue proposal as pending.
-            self._writer.submit(lambda conn: self._expire(conn, record.id)).result()
+            expired = self._writer.submit(lambda conn: expire_if_due(conn, proposal_id, now)[1]).result()
+            if expired:  # committed: now it counts
+                approval_finished("expired", (now - record.created_at).total_seconds())
             with self._engine.connect() as conn:
                 record = store.get_proposal(conn, proposal_id, caller.agent.id)
         return record
-
-    def _expire(self, conn: Connection, proposal_id: str) -> None:
-        chain.lock_chain(conn)
-        record = store.get_proposal_for_update(conn, proposal_id)
-        now = self._clock()
-        if _overdue(record, now) and expire(conn, record, now):
-            approval_finished("expired", (now - record.created_at).total_seconds())
 
     def cancel(self, caller: Caller, proposal_id: str) -> Future[ProposalRecord]:
         now = self._clock()
@@ -229,23 +228,3 @@ class ProposalService:
             return cancelled
 
         return self._writer.submit(unit)
-
-
-def _overdue(record: ProposalRecord, now: datetime) -> bool:
-    expires = record.decision.approval_expires_at
-    return expires is None or expires <= now
-
-
-def _decision_context(request: DecisionInput) -> dict[str, Any]:
-    """What besides the action the decision saw, so it can be replayed exactly."""
-    agent = request.agent
-    return {
-        "agent": {
-            "id": agent.id,
-            "owner": agent.owner,
-            "roles": list(agent.roles),
-            "labels": dict(agent.labels),
-        },
-        "context": {"now": timestamp(request.now), "environment": request.environment},
-        "usage": dict(request.usage),
-    }
