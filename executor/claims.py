@@ -3,10 +3,11 @@
 Each function is one transaction's worth of work on a connection the caller opened with
 ``engine.begin()``. Every state change appends its audit event in the same transaction.
 
-Lock order, the same in every transaction here, so executors and PDP replicas never deadlock: the
-audit chain's advisory lock first (PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` is one lock anyway),
-then proposal rows (``FOR UPDATE SKIP LOCKED``, so concurrent executors take disjoint work), then
-breaker rows.
+Every transaction here takes the audit chain's lock first (a PostgreSQL advisory lock held to the
+end of the transaction; SQLite's ``BEGIN IMMEDIATE`` is one lock anyway), as every PDP writer does.
+So the executors' transactions, and the PDP's, never overlap: two executors cannot claim the same
+proposal, no row lock is needed, and no two writers can deadlock. Executors still work in parallel
+where it matters, in the connector calls between their short transactions.
 
 At most once: a job's transition to ``EXECUTING`` (with its ``execution.started`` event) commits
 before the connector is called. A ticket is used once: a first start needs zero earlier
@@ -22,15 +23,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import Connection, Select, and_, func, insert, select, update
+from sqlalchemy import ColumnElement, Connection, func, insert, select, update
 
 from executor.config import BreakerSettings
 from pdp.audit import chain
 from pdp.audit.chain import Event
 from pdp.canonical import timestamp
 from pdp.execution import tickets
-from pdp.execution.tickets import TicketRefused
-from pdp.policy.catalog import Tool
+from pdp.execution.tickets import TicketRefused, VerifiedTicket
+from pdp.policy.catalog import CatalogViolation, Tool, resolve
 from pdp.policy.duration import parse_duration
 from pdp.proposals.states import ProposalState
 from pdp.store.models import audit_events, circuit_breakers, execution_tickets, executions, proposals
@@ -57,11 +58,8 @@ class Lease:
     duration: timedelta
 
 
-def _for_update(query: Select[Any], conn: Connection) -> Select[Any]:
-    return query.with_for_update(skip_locked=True) if conn.dialect.name == "postgresql" else query
-
-
-def _event(kind: str, row: Any, actor: str, now: datetime, **data: Any) -> Event:
+def _event(kind: str, row: Any, actor: str, now: datetime, policy_version: str | None = None, **data: Any) -> Event:
+    """An execution event; ``policy_version`` from the verified ticket when there is one (the row's is unsigned)."""
     action = row.action if isinstance(row.action, dict) else {}  # a forged row may hold anything
     return Event(
         type=kind,
@@ -69,7 +67,7 @@ def _event(kind: str, row: Any, actor: str, now: datetime, **data: Any) -> Event
         occurred_at=now,
         proposal_id=row.id,
         agent_id=row.agent_id,
-        policy_version=row.policy_version,
+        policy_version=policy_version if policy_version is not None else row.policy_version,
         data={"tool": action.get("tool"), "resource": action.get("resource"), **data},
     )
 
@@ -86,8 +84,8 @@ def _set_state(conn: Connection, proposal_id: str, state: ProposalState, now: da
 
 def _verify(
     conn: Connection, row: Any, public_key: Ed25519PublicKey, catalog: Mapping[str, Tool], now: datetime, *, first: bool
-) -> Tool:
-    """The tool to run ``row`` with, once its ticket checks out; TicketRefused otherwise."""
+) -> tuple[Tool, VerifiedTicket]:
+    """The tool to run ``row`` with and its verified ticket; TicketRefused when anything does not check out."""
     ticket = conn.execute(
         select(execution_tickets.c.payload, execution_tickets.c.signature).where(
             execution_tickets.c.proposal_id == row.id
@@ -95,7 +93,7 @@ def _verify(
     ).first()
     if ticket is None:
         raise TicketRefused("ticket.missing", "no execution ticket was issued for this proposal")
-    tickets.verify(
+    verified = tickets.verify(
         public_key,
         payload=ticket.payload,
         signature=ticket.signature,
@@ -104,35 +102,35 @@ def _verify(
         now=now,
         check_expiry=first,  # a retry continues an execution its ticket already started
     )
-    # The tool column is not signed; the action (and so its tool) is.
-    tool = catalog.get(str(row.action.get("tool")))
-    if tool is None or row.action.get("tool") != row.tool:
-        raise TicketRefused(
-            "ticket.action_mismatch", f"the signed action's tool {row.action.get('tool')!r} is not {row.tool!r}"
-        )
-    if not str(row.action.get("resource", "")).startswith(tool.resource_prefix):
-        raise TicketRefused("ticket.action_mismatch", f"the resource is not under the {tool.name} prefix")
-    return tool
+    # The signed action must still pass the catalog this executor runs with (the same checks the PDP made),
+    # and name the tool it was claimed for (the tool column is not signed).
+    action = row.action
+    checked = resolve(dict(catalog), str(action.get("tool")), str(action.get("operation")), str(action.get("resource")))
+    if isinstance(checked, CatalogViolation) or action.get("tool") != row.tool:
+        why = checked.message if isinstance(checked, CatalogViolation) else f"it was claimed as {row.tool!r}"
+        raise TicketRefused("ticket.action_mismatch", f"the signed action does not fit the catalog: {why}")
+    return catalog[row.tool], verified
 
 
-def _refuse(conn: Connection, row: Any, refused: TicketRefused, actor: str, now: datetime) -> None:
+def _refuse(conn: Connection, row: Any, refused: TicketRefused, actor: str, now: datetime, attempt: int) -> None:
     """Nothing runs; the proposal fails with the reason, and the refusal is audited."""
     _set_state(conn, row.id, ProposalState.FAILED, now)
-    exists = conn.execute(select(executions.c.proposal_id).where(executions.c.proposal_id == row.id)).first()
-    if exists is None:
+    error = f"refused: {refused.message}"
+    if _finish_row(conn, row.id, FAILED, error, now) == 0:
         conn.execute(
             insert(executions).values(
                 proposal_id=row.id,
                 tool=row.tool,
-                attempt=0,
+                attempt=attempt,
                 status=FAILED,
                 started_at=now,
                 finished_at=now,
-                error=f"refused: {refused.message}",
+                error=error,
             )
         )
     chain.append(
-        conn, _event("execution.refused", row, actor, now, attempt=0, reason=refused.reason, error=refused.message)
+        conn,
+        _event("execution.refused", row, actor, now, attempt=attempt, reason=refused.reason, error=refused.message),
     )
 
 
@@ -164,22 +162,23 @@ def claim(
     if not tools:
         return []
     query = _PROPOSAL.where(proposals.c.state == ProposalState.APPROVED.value, proposals.c.tool.in_(tools))
-    rows = conn.execute(_for_update(query.order_by(proposals.c.updated_at).limit(limit), conn)).all()
+    rows = conn.execute(query.order_by(proposals.c.updated_at).limit(limit)).all()
     actor = f"executor:{lease.worker}"
     jobs: list[Job] = []
     for row in rows:
         if row.tool in blocked:
             continue
         try:
-            tool = _verify(conn, row, public_key, catalog, now, first=True)
+            tool, verified = _verify(conn, row, public_key, catalog, now, first=True)
             if _starts(conn, row.id):
                 raise TicketRefused("ticket.consumed", "the ticket was already used: this execution started before")
         except TicketRefused as refused:
-            _refuse(conn, row, refused, actor, now)
+            _refuse(conn, row, refused, actor, now, attempt=0)
             continue
-        if tool.name in half_open and not _take_trial(conn, tool.name, row.id, now):
+        if tool.name in half_open:  # one trial, then nothing more for this tool until it ends
             blocked.add(tool.name)
-            continue
+            if not _take_trial(conn, tool.name, row.id, now):
+                continue
         _set_state(conn, row.id, ProposalState.EXECUTING, now)
         conn.execute(
             insert(executions).values(
@@ -192,8 +191,8 @@ def claim(
                 started_at=now,
             )
         )
-        chain.append(conn, _event(STARTED, row, actor, now, attempt=1, worker=lease.worker))
-        jobs.append(Job(row.id, row.agent_id, tool, row.action, 1, row.policy_version))
+        chain.append(conn, _event(STARTED, row, actor, now, verified.policy_version, attempt=1, worker=lease.worker))
+        jobs.append(Job(row.id, row.agent_id, tool, row.action, 1, verified.policy_version))
     return jobs
 
 
@@ -217,6 +216,8 @@ class Outcome:
 
     result: dict[str, Any] | None = None
     error: str | None = None
+    # A failure the target is not to blame for (the agent's input was refused) leaves the breaker alone.
+    counts_for_breaker: bool = True
 
     @property
     def ok(self) -> bool:
@@ -248,17 +249,20 @@ def finish(
             lease_expires_at=None,
         )
     )
+    version = job.policy_version
     if done.rowcount == 0:
         data = {"attempt": job.attempt, "result": outcome.result, "error": outcome.error}
-        chain.append(conn, _event("execution.late_result", row, actor, now, **data))
+        chain.append(conn, _event("execution.late_result", row, actor, now, version, **data))
         return False
     _set_state(conn, job.proposal_id, ProposalState.SUCCEEDED if outcome.ok else ProposalState.FAILED, now)
-    # Breaker before the event, which needs nothing more; see the lock order in the module docstring.
-    circuit_event = _record_for_breaker(conn, job, outcome.ok, now, breaker, actor)
+    circuit_event = None
+    if outcome.ok or outcome.counts_for_breaker:
+        circuit_event = _record_for_breaker(conn, job, outcome.ok, now, breaker, actor)
     if outcome.ok:
-        chain.append(conn, _event("execution.succeeded", row, actor, now, attempt=job.attempt, result=outcome.result))
+        event = _event("execution.succeeded", row, actor, now, version, attempt=job.attempt, result=outcome.result)
     else:
-        chain.append(conn, _event("execution.failed", row, actor, now, attempt=job.attempt, error=outcome.error))
+        event = _event("execution.failed", row, actor, now, version, attempt=job.attempt, error=outcome.error)
+    chain.append(conn, event)
     if circuit_event is not None:
         chain.append(conn, circuit_event)
     return True
@@ -279,7 +283,6 @@ def recover(
     chain.lock_chain(conn)
     query = (
         select(
-            executions.c.proposal_id,
             executions.c.attempt,
             executions.c.lease_expires_at,
             proposals.c.id,
@@ -289,61 +292,38 @@ def recover(
             proposals.c.policy_version,
         )
         .select_from(executions.join(proposals, proposals.c.id == executions.c.proposal_id))
-        .where(
-            executions.c.status == RUNNING,
-            executions.c.lease_expires_at < now,
-            proposals.c.state == ProposalState.EXECUTING.value,
-        )
+        .where(abandoned(now, served, catalog), proposals.c.state == ProposalState.EXECUTING.value)
         .order_by(executions.c.lease_expires_at)
         .limit(100)
     )
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True, of=executions)
     actor = f"executor:{lease.worker}"
     jobs: list[Job] = []
     for row in conn.execute(query).all():
         tool = catalog.get(row.tool)
-        idempotent = tool is not None and tool.idempotent
-        if idempotent and tool is not None and row.tool not in served:
-            continue  # another executor serves this tool and will retry it
-        abandoned = {"attempt": row.attempt, "lease_expired_at": timestamp(row.lease_expires_at)}
+        lapsed = {"attempt": row.attempt, "lease_expired_at": timestamp(row.lease_expires_at)}
         _release_trial(conn, row.tool, row.id)
-        if not idempotent:
+        if tool is None or not tool.idempotent:
             error = "the executor stopped during the call; whether it took effect is unknown: a human must reconcile"
             _finish_row(conn, row.id, UNKNOWN, error, now)
             _set_state(conn, row.id, ProposalState.UNKNOWN, now)
-            chain.append(conn, _event("execution.unknown", row, actor, now, error=error, **abandoned))
+            chain.append(conn, _event("execution.unknown", row, actor, now, error=error, **lapsed))
             continue
-        assert tool is not None
         if row.attempt >= max_attempts:
             error = f"the executor stopped during the call {row.attempt} times; gave up (max_attempts {max_attempts})"
             _finish_row(conn, row.id, FAILED, error, now)
             _set_state(conn, row.id, ProposalState.FAILED, now)
-            chain.append(conn, _event("execution.failed", row, actor, now, error=error, **abandoned))
+            chain.append(conn, _event("execution.failed", row, actor, now, error=error, **lapsed))
             continue
         delay = backoff * (2 ** (row.attempt - 1))
         if now < row.lease_expires_at + delay:
             continue  # back off before the next attempt
         try:
-            _verify(conn, row, public_key, catalog, now, first=False)
+            tool, verified = _verify(conn, row, public_key, catalog, now, first=False)
             starts = _starts(conn, row.id)
             if starts != row.attempt:
                 raise TicketRefused("ticket.consumed", f"the audit log shows {starts} starts, not {row.attempt}")
         except TicketRefused as refused:
-            _finish_row(conn, row.id, FAILED, f"refused: {refused.message}", now)
-            _set_state(conn, row.id, ProposalState.FAILED, now)
-            chain.append(
-                conn,
-                _event(
-                    "execution.refused",
-                    row,
-                    actor,
-                    now,
-                    reason=refused.reason,
-                    error=refused.message,
-                    attempt=row.attempt,
-                ),
-            )
+            _refuse(conn, row, refused, actor, now, attempt=row.attempt)
             continue
         attempt = row.attempt + 1
         conn.execute(
@@ -352,20 +332,32 @@ def recover(
             .values(attempt=attempt, worker=lease.worker, lease_expires_at=now + lease.duration)
         )
         conn.execute(update(proposals).where(proposals.c.id == row.id).values(updated_at=now))
-        chain.append(
-            conn, _event("execution.retrying", row, actor, now, backoff_seconds=delay.total_seconds(), **abandoned)
+        version = verified.policy_version
+        retrying = _event(
+            "execution.retrying", row, actor, now, version, backoff_seconds=delay.total_seconds(), **lapsed
         )
-        chain.append(conn, _event(STARTED, row, actor, now, attempt=attempt, worker=lease.worker))
-        jobs.append(Job(row.id, row.agent_id, tool, row.action, attempt, row.policy_version))
+        chain.append(conn, retrying)
+        chain.append(conn, _event(STARTED, row, actor, now, version, attempt=attempt, worker=lease.worker))
+        jobs.append(Job(row.id, row.agent_id, tool, row.action, attempt, version))
     return jobs
 
 
-def _finish_row(conn: Connection, proposal_id: str, status: str, error: str, now: datetime) -> None:
-    conn.execute(
+def abandoned(now: datetime, served: Mapping[str, Tool], catalog: Mapping[str, Tool]) -> ColumnElement[bool]:
+    """Executions this executor should recover: lease lapsed, and not an idempotent tool another executor serves.
+
+    Shared by the read-only check the claim loop makes first and by :func:`recover`, so an idle executor
+    never takes the write lock for rows it would leave alone.
+    """
+    others = [name for name, tool in catalog.items() if tool.idempotent and name not in served]
+    return (executions.c.status == RUNNING) & (executions.c.lease_expires_at < now) & executions.c.tool.not_in(others)
+
+
+def _finish_row(conn: Connection, proposal_id: str, status: str, error: str, now: datetime) -> int:
+    return conn.execute(
         update(executions)
         .where(executions.c.proposal_id == proposal_id)
         .values(status=status, error=error, finished_at=now, worker=None, lease_expires_at=None)
-    )
+    ).rowcount
 
 
 # --- circuit breakers (see pdp/execution/circuits.py for the states) ----------------------------------
@@ -403,40 +395,40 @@ def _release_trial(conn: Connection, tool: str, proposal_id: str) -> None:
 def _record_for_breaker(
     conn: Connection, job: Job, ok: bool, now: datetime, settings: BreakerSettings, actor: str
 ) -> Event | None:
-    """Count the outcome; the event to append when the breaker opened or closed."""
+    """Count the outcome; the event to append when the breaker opened or closed.
+
+    While the breaker is open or half-open only its trial decides: executions that were already running
+    when it opened (stragglers) neither close it nor keep pushing its cool-down out.
+    """
     tool = job.tool.name
     row = conn.execute(select(circuit_breakers).where(circuit_breakers.c.tool == tool)).first()
-    where = and_(circuit_breakers.c.tool == tool)
+    is_open = row is not None and row.opened_until is not None
+    is_trial = row is not None and row.trial_proposal_id == job.proposal_id
+    this = circuit_breakers.c.tool == tool
     if ok:
-        if row is None or (row.consecutive_failures == 0 and row.opened_until is None):
+        if row is None or (is_open and not is_trial) or (not is_open and row.consecutive_failures == 0):
             return None
         conn.execute(
             update(circuit_breakers)
-            .where(where)
+            .where(this)
             .values(consecutive_failures=0, opened_until=None, trial_proposal_id=None, updated_at=now)
         )
-        if row.opened_until is None:
+        if not is_open:
             return None
         return Event("circuit.closed", actor, now, data={"tool": tool, "trial_proposal_id": job.proposal_id})
     failures = (row.consecutive_failures if row is not None else 0) + 1
-    trial_failed = row is not None and row.trial_proposal_id == job.proposal_id
-    opens = failures >= settings.failures or trial_failed
-    until = now + parse_duration(settings.cooldown) if opens else (row.opened_until if row is not None else None)
-    values = {
-        "consecutive_failures": failures,
-        "opened_until": until,
-        "trial_proposal_id": None if opens else (row.trial_proposal_id if row is not None else None),
-        "updated_at": now,
-    }
+    if is_open and not is_trial:  # a straggler: counted, nothing more
+        conn.execute(update(circuit_breakers).where(this).values(consecutive_failures=failures, updated_at=now))
+        return None
+    opens = is_trial or failures >= settings.failures
+    until = now + parse_duration(settings.cooldown) if opens else None
+    values = {"consecutive_failures": failures, "opened_until": until, "trial_proposal_id": None, "updated_at": now}
     if row is None:
         conn.execute(insert(circuit_breakers).values(tool=tool, **values))
     else:
-        conn.execute(update(circuit_breakers).where(where).values(**values))
-    if not opens:
+        conn.execute(update(circuit_breakers).where(this).values(**values))
+    if until is None:
         return None
     return Event(
-        "circuit.opened",
-        actor,
-        now,
-        data={"tool": tool, "consecutive_failures": failures, "until": timestamp(until) if until else None},
+        "circuit.opened", actor, now, data={"tool": tool, "consecutive_failures": failures, "until": timestamp(until)}
     )

@@ -130,9 +130,6 @@ def load(
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"{path or 'executor config'}: {problems}") from None
-    for tool, section in parsed.tools.items():
-        if not isinstance(section, dict):
-            raise ConfigError(f"{path}: tools.{tool} must be a mapping")
     return Settings(
         database_url=parsed.database_url,
         public_key=Path(parsed.public_key),

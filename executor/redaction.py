@@ -20,11 +20,27 @@ from executor.secrets import Secret
 REDACTED = "[REDACTED]"
 
 
+def _embedded_base64(raw: bytes) -> set[str]:
+    """The base64 characters that stand for ``raw`` wherever it sits in a longer encoded text.
+
+    Inside a larger base64 string (an echoed ``Basic`` header, an encoded body) the secret may start at
+    any of three byte offsets; for each, keep only the characters whose six bits all come from it.
+    """
+    forms = set()
+    for offset in range(3):
+        padded = bytes(offset) + raw
+        first = -(-offset * 8 // 6)  # the first character made only of the secret's bits
+        last = len(padded) * 8 // 6  # one past the last such character
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            forms.add(encode(padded).decode("ascii")[first:last])
+    return forms
+
+
 def _forms(value: str) -> set[str]:
     """The ways ``value`` can appear in text."""
     encoded = base64.b64encode(value.encode("utf-8")).decode("ascii")
     urlsafe = base64.urlsafe_b64encode(value.encode("utf-8")).decode("ascii")
-    forms = {
+    forms = _embedded_base64(value.encode("utf-8")) | {
         value,
         quote(value, safe=""),
         quote_plus(value, safe=""),

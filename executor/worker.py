@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from executor import claims
 from executor.claims import Job, Lease, Outcome
 from executor.config import Settings
-from executor.connectors.base import Call, Connector, ConnectorError, ConnectorTimeout
+from executor.connectors.base import Call, Connector, ConnectorError, ConnectorRejected, ConnectorTimeout
 from executor.redaction import Redactor
 from pdp.canonical import canonical_json
 from pdp.observability import logs, metrics, tracing
@@ -35,7 +35,7 @@ from pdp.observability.collectors import ExecutorState
 from pdp.observability.exposition import MetricsServer
 from pdp.policy.catalog import Tool
 from pdp.proposals.states import ProposalState
-from pdp.store.models import executions, proposals
+from pdp.store.models import proposals
 from pdp.store.writer import GroupCommitWriter
 
 log = logging.getLogger("executor")
@@ -147,7 +147,7 @@ class Executor:
             return bool(conn.execute(query).scalar())
 
     def _abandoned_waiting(self, now: datetime) -> bool:
-        query = select(exists().where(executions.c.status == claims.RUNNING, executions.c.lease_expires_at < now))
+        query = select(exists().where(claims.abandoned(now, self._served, self._catalog)))
         with self._reader.connect() as conn:
             return bool(conn.execute(query).scalar())
 
@@ -231,6 +231,8 @@ class Executor:
             result = self._connectors[job.tool.name].execute(call)
         except ConnectorTimeout as exc:
             return Outcome(error=self.redactor.text(f"timeout: {exc.message}"))
+        except ConnectorRejected as exc:  # the action, not the target, is at fault: the breaker ignores it
+            return Outcome(error=self.redactor.text(exc.message), counts_for_breaker=False)
         except ConnectorError as exc:
             return Outcome(error=self.redactor.text(exc.message))
         except Exception as exc:  # a connector bug fails the execution, never the executor
@@ -251,7 +253,7 @@ class Executor:
             ):
                 outcome = self._call(job)
                 recorded = self._record(job, outcome)
-                status = ("succeeded" if outcome.ok else "failed") if recorded else "unrecorded"
+                status = {True: "succeeded" if outcome.ok else "failed", False: "late", None: "unrecorded"}[recorded]
                 span.set_attribute("pdp.status", status)
                 seconds = time.perf_counter() - started
                 metrics.executed(tool, status, seconds)
@@ -261,20 +263,20 @@ class Executor:
                 self._inflight.discard(job.proposal_id)
             self._wake.set()
 
-    def _record(self, job: Job, outcome: Outcome) -> bool:
-        """Record the outcome, retrying a failing database; False when it gave up (recovery takes over)."""
+    def _record(self, job: Job, outcome: Outcome) -> bool | None:
+        """Record the outcome, retrying a failing database. True: recorded; False: too late, recovery had taken
+        the job over (kept as ``execution.late_result``); None: gave up (the lease lapses, recovery takes over)."""
         breaker = self._settings.breaker_for(job.tool.name)
         for attempt in range(FINISH_RETRIES):
             try:
-                self._transaction(
+                return self._transaction(
                     lambda conn: claims.finish(
                         conn, job, outcome, now=self._clock(), lease=self._lease, breaker=breaker
                     )
                 )
-                return True
             except SQLAlchemyError:
                 log.exception("cannot record the outcome of %s (try %d)", job.proposal_id, attempt + 1)
                 time.sleep(min(2.0**attempt * 0.2, 5.0))
         # The lease will lapse and recovery will mark the job UNKNOWN (or retry an idempotent tool).
         log.error("giving up recording the outcome of %s; recovery will take it over", job.proposal_id)
-        return False
+        return None

@@ -3,7 +3,7 @@
 The target records every request it receives, so tests count exactly what reached it. Paths choose
 its behaviour: ``/api/items`` answers 201 with JSON, ``/api/echo`` echoes the request headers back,
 ``/api/fail`` fails with a 500 that quotes the Authorization header, ``/api/slow`` and ``/api/kv/…``
-wait ``slow_seconds`` first (``/api/kv/`` is the idempotent tool and dedupes on Idempotency-Key).
+wait ``slow_seconds`` first (``/api/kv/`` is the idempotent tool).
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ class Target:
     slow_seconds: float = 0.0
     fail_status: int = 500
     seen: list[Seen] = field(default_factory=list)
-    effects: dict[str, int] = field(default_factory=dict)  # idempotency key -> times the effect was applied
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> None:
@@ -79,11 +78,6 @@ class Target:
                     return self._send(target.fail_status, {"error": f"upstream broke while handling {auth}"})
                 if self.path.startswith("/api/echo"):
                     return self._send(200, {"headers": dict(self.headers.items())})
-                if self.path.startswith("/api/kv/"):
-                    # Like a real idempotent API: a repeated key is acknowledged, not applied again.
-                    key = self.headers.get("idempotency-key", "")
-                    with target._lock:
-                        target.effects[key] = target.effects.get(key, 0) or 1
                 return self._send(201, {"id": len(target.seen), "path": self.path, "received": body.decode()})
 
             def _send(self, status: int, payload: dict[str, Any]) -> None:

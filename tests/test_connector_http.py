@@ -14,7 +14,14 @@ from typing import Any
 import pytest
 from conftest import free_port
 
-from executor.connectors.base import Call, ConnectorConfigError, ConnectorContext, ConnectorError, ConnectorTimeout
+from executor.connectors.base import (
+    Call,
+    ConnectorConfigError,
+    ConnectorContext,
+    ConnectorError,
+    ConnectorRejected,
+    ConnectorTimeout,
+)
 from executor.connectors.http import HttpConnector, HttpSection
 from executor.redaction import Redactor
 from pdp.policy.catalog import Kind, Tool
@@ -276,6 +283,7 @@ def test_an_error_status_raises_with_the_start_of_the_body(connector: HttpConnec
         connector.execute(call(f"{target.base}/api/", "POST", f"{target.base}/api/fail", {"a": 1}))
     message = raised.value.message
     assert message.startswith("HTTP 500: upstream broke")
+    assert not isinstance(raised.value, ConnectorRejected)  # the target failed: the breaker counts it
     # The connector reports what the server said; the executor scrubs it with the connector's secrets.
     assert TOKEN in message
     scrubbed = Redactor(connector.secrets()).text(message)
@@ -284,7 +292,8 @@ def test_an_error_status_raises_with_the_start_of_the_body(connector: HttpConnec
 
 
 def test_a_client_error_with_an_empty_body_raises_too(connector: HttpConnector, target: Target) -> None:
-    with pytest.raises(ConnectorError, match=r"^HTTP 404$"):
+    # A 4xx is the request's fault: rejected, so it does not count against the tool's circuit breaker.
+    with pytest.raises(ConnectorRejected, match=r"^HTTP 404$"):
         connector.execute(call(f"{target.base}/api/", "GET", f"{target.base}/api/missing"))
 
 

@@ -201,7 +201,7 @@ def test_bad_select_params_are_refused_naming_the_param(
 def test_insert_one_row(connector: SqlConnector, db: Db) -> None:
     result = connector.execute(call("insert", {"values": {"id": 6, "name": "Linus"}}))
     assert result == {"operation": "insert", "table": "contacts", "rowcount": 1}
-    assert db.rows() == [*db.rows()[:5], {"id": 6, "name": "Linus", "email": None, "score": None}]
+    assert db.rows() == [*SEED, {"id": 6, "name": "Linus", "email": None, "score": None}]
     assert len(db.rows()) == 6
 
 

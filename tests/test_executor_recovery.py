@@ -9,13 +9,20 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import signing_key
 from execution import ExecutorProcess, Stack, execution_stack, running_executor
 from sqlalchemy import select
 
+from executor import claims
+from executor.config import BreakerSettings
+from executor.worker import MAX_RESULT_BYTES, bounded
+from pdp.audit.keys import load_public, public_path
+from pdp.policy.loader import load_bundle
 from pdp.store.models import audit_events, circuit_breakers, executions
 from pdp.v1 import pdp_pb2
 
@@ -27,7 +34,7 @@ class Setup(Stack):
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
-    with execution_stack(request.param, tmp_path) as stack:
+    with execution_stack(request.param, tmp_path, crm=True) as stack:
         yield Setup(**vars(stack))
 
 
@@ -76,7 +83,6 @@ def test_kill_9_mid_call_on_an_idempotent_tool_retries_with_the_same_key(setup: 
     assert final.state == pdp_pb2.SUCCEEDED, final
     assert setup.target.count("/api/kv/") == 2
     assert {s.headers["Idempotency-Key"] for s in setup.target.seen} == {pid}
-    assert setup.target.effects == {pid: 1}
     assert setup.audit_types(pid) == [
         "proposal.decided",
         "execution.started",
@@ -111,9 +117,9 @@ def test_an_idempotent_tool_gives_up_after_max_attempts(setup: Setup) -> None:
 # --- circuit breaker -------------------------------------------------------------------------------
 
 
-def _breaker(setup: Setup) -> dict[str, object] | None:
+def _breaker(setup: Setup, tool: str = "web") -> dict[str, object] | None:
     with setup.engine.connect() as conn:
-        row = conn.execute(select(circuit_breakers).where(circuit_breakers.c.tool == "web")).mappings().first()
+        row = conn.execute(select(circuit_breakers).where(circuit_breakers.c.tool == tool)).mappings().first()
         return dict(row) if row is not None else None
 
 
@@ -169,3 +175,83 @@ def test_a_failed_trial_reopens_the_breaker(setup: Setup) -> None:
     second = _breaker(setup)
     assert second is not None
     assert second["opened_until"] is not None and second["opened_until"] > first["opened_until"]  # type: ignore[operator]
+
+
+def test_an_agents_bad_input_fails_the_execution_but_not_the_tool(setup: Setup) -> None:
+    """A refused action (bad params, HTTP 4xx) is not the target failing: one agent cannot open the breaker."""
+    with running_executor(setup.config(breaker={"failures": 1, "cooldown": "1h"})):
+        bad = setup.client.propose(
+            "crm", "select", "sql://crm/contacts", "t", params={"where": {"nope": 1}}
+        ).proposal_id
+        final = setup.client.wait(bad, timeout=30)
+        assert final.state == pdp_pb2.FAILED and "has no column 'nope'" in final.execution.error
+        assert _breaker(setup, "crm") is None
+        # A failure of the target itself does count (and with failures: 1, opens it).
+        broken = setup.client.propose("web", "POST", setup.target.url + "fail", "t").proposal_id
+        assert setup.client.wait(broken, timeout=30).state == pdp_pb2.FAILED
+    opened = _breaker(setup)
+    assert opened is not None and opened["opened_until"] is not None
+
+
+def _job(setup: Setup, pid: str) -> claims.Job:
+    tool = load_bundle(setup.bundle).tools["web"]
+    return claims.Job(pid, "agent", tool, {}, 1, "v")
+
+
+def test_stragglers_neither_close_the_breaker_nor_keep_it_open(setup: Setup) -> None:
+    """Executions already running when the breaker opened: only the half-open trial decides."""
+    settings = BreakerSettings(failures=1, cooldown="1h")
+    now = datetime.now(UTC)
+    with setup.engine.begin() as conn:
+        assert claims._record_for_breaker(conn, _job(setup, "p1"), False, now, settings, "t") is not None  # opens
+    first = _breaker(setup)
+    assert first is not None
+    with setup.engine.begin() as conn:
+        later = now + timedelta(seconds=5)
+        assert claims._record_for_breaker(conn, _job(setup, "p2"), False, later, settings, "t") is None
+        assert claims._record_for_breaker(conn, _job(setup, "p3"), True, later, settings, "t") is None
+    still = _breaker(setup)
+    assert still is not None and still["opened_until"] == first["opened_until"]  # not pushed out, not closed
+    with setup.engine.begin() as conn:
+        assert claims._take_trial(conn, "web", "p4", now)
+        closed = claims._record_for_breaker(conn, _job(setup, "p4"), True, now, settings, "t")
+    assert closed is not None and closed.type == "circuit.closed"
+    assert _breaker(setup) is not None and _breaker(setup)["opened_until"] is None  # type: ignore[index]
+
+
+def test_a_worker_finishing_after_recovery_took_over_is_kept_as_late_result(setup: Setup) -> None:
+    pid = setup.client.propose("web", "POST", setup.target.url + "items", "t").proposal_id
+    catalog = load_bundle(setup.bundle).tools
+    key = load_public(public_path(signing_key()))
+    now = datetime.now(UTC)
+    first, second = claims.Lease("first", timedelta(seconds=1)), claims.Lease("second", timedelta(seconds=30))
+    with setup.engine.begin() as conn:
+        [job] = claims.claim(conn, now=now, lease=first, served=catalog, catalog=catalog, public_key=key, limit=1)
+    with setup.engine.begin() as conn:  # the first worker's lease lapsed: recovery decides
+        later = now + timedelta(seconds=5)
+        recovered = claims.recover(
+            conn,
+            now=later,
+            lease=second,
+            served=catalog,
+            catalog=catalog,
+            public_key=key,
+            max_attempts=3,
+            backoff=first.duration,
+        )
+        assert recovered == []  # web is not idempotent: UNKNOWN, nothing to run again
+    with setup.engine.begin() as conn:  # ...and then the first worker's call returns
+        outcome = claims.Outcome(result={"status": 201})
+        assert not claims.finish(conn, job, outcome, now=later, lease=first, breaker=BreakerSettings())
+    assert setup.client.get(pid).state == pdp_pb2.UNKNOWN  # recovery's verdict stands
+    kinds = setup.audit_types(pid)
+    assert kinds[-2:] == ["execution.unknown", "execution.late_result"]
+    assert dict(setup.audit(pid))["execution.late_result"]["result"] == {"status": 201}
+
+
+def test_results_past_the_limit_are_cut_to_a_preview() -> None:
+    small = {"body": "x" * 100}
+    assert bounded(small) is small
+    cut = bounded({"body": "y" * (MAX_RESULT_BYTES * 2)})
+    assert cut["truncated"] is True and cut["preview"].startswith('{"body":"yyy')
+    assert len(json.dumps(cut)) <= MAX_RESULT_BYTES

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -137,3 +138,16 @@ def test_log_filter_with_an_empty_redactor_leaves_records_alone() -> None:
     finally:
         logger.removeHandler(handler)
     assert stream.getvalue() == "value visible\n"
+
+
+@pytest.mark.parametrize("prefix", ["", "u", "us", "user:"])
+@pytest.mark.parametrize("encode", [base64.b64encode, base64.urlsafe_b64encode])
+def test_a_secret_inside_a_longer_base64_text_is_scrubbed_at_any_offset(
+    redactor: Redactor, prefix: str, encode: Any
+) -> None:
+    """An echoed `Authorization: Basic base64(user:secret)` or an encoded body: the secret sits mid-stream."""
+    encoded = encode(f"{prefix}{OTHER}:and more".encode()).decode()
+    scrubbed = redactor.text(f"Basic {encoded}")
+    assert REDACTED in scrubbed
+    # All but the few characters that mix the secret's edge bits with its neighbours' are gone.
+    assert len(scrubbed) <= len(f"Basic {encoded}") - len(OTHER) * 4 // 3 + len(REDACTED) + 4

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from executor.secrets import Secret
 from pdp.policy.catalog import Tool
 
@@ -29,8 +31,22 @@ class ConnectorTimeout(ConnectorError):
     """The target did not answer within the tool's time limit."""
 
 
+class ConnectorRejected(ConnectorError):
+    """The action itself was refused (bad parameters, an HTTP 4xx): the target is fine, so the tool's
+    circuit breaker does not count it. One agent's bad input must not shut a tool for everyone."""
+
+
 class ConnectorConfigError(Exception):
     """A tool's connector section is invalid; raised at executor startup, never per call."""
+
+
+def config_error(tool: str, exc: ValidationError) -> ConnectorConfigError:
+    """Every problem in a section, by key, without the offending input (it may be a credential)."""
+    problems = []
+    for error in exc.errors(include_input=False, include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "(section)"
+        problems.append(f"{where}: {error['msg']}")
+    return ConnectorConfigError(f"tool {tool}: " + "; ".join(problems))
 
 
 @dataclass(frozen=True, slots=True)

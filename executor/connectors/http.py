@@ -23,7 +23,8 @@ The request:
 - Environment proxies and ``.netrc`` are ignored: the executor's config is the only source of credentials.
 
 The result is ``{"status", "headers", "body", "truncated"}``; the body is parsed JSON when the response
-says JSON and arrived whole, else text. A status of 400 or more raises :class:`ConnectorError`.
+says JSON and arrived whole, else text. A status of 400 or more fails the call: :class:`ConnectorRejected` for
+a 4xx other than 408 and 429 (the request was at fault), :class:`ConnectorError` otherwise.
 """
 
 from __future__ import annotations
@@ -37,7 +38,15 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from executor.connectors.base import Call, ConnectorConfigError, ConnectorContext, ConnectorError, ConnectorTimeout
+from executor.connectors.base import (
+    Call,
+    ConnectorConfigError,
+    ConnectorContext,
+    ConnectorError,
+    ConnectorRejected,
+    ConnectorTimeout,
+    config_error,
+)
 from executor.secrets import Secret, SecretError, SecretRef
 from pdp.policy.catalog import CatalogViolation, resolve
 from pdp.policy.duration import parse_duration
@@ -115,15 +124,6 @@ class HttpSection(BaseModel):
         return value
 
 
-def config_error(tool: str, exc: ValidationError) -> ConnectorConfigError:
-    """Every problem in a section, by key, without the offending input (it may be a credential)."""
-    problems = []
-    for error in exc.errors(include_input=False, include_url=False):
-        where = ".".join(str(part) for part in error["loc"]) or "(section)"
-        problems.append(f"{where}: {error['msg']}")
-    return ConnectorConfigError(f"tool {tool}: " + "; ".join(problems))
-
-
 def is_json(content_type: str) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or media.endswith("+json")
@@ -180,7 +180,7 @@ class HttpConnector:
             try:
                 content = json.dumps(dict(call.params), ensure_ascii=False, allow_nan=False).encode("utf-8")
             except (TypeError, ValueError) as exc:
-                raise ConnectorError(f"{self._tool}: params are not JSON: {exc}") from None
+                raise ConnectorRejected(f"{self._tool}: params are not JSON: {exc}") from None
             headers["Content-Type"] = "application/json"
         try:
             with self._client.stream(method, url, headers=headers, content=content) as response:
@@ -194,9 +194,11 @@ class HttpConnector:
         text = body.decode("utf-8", errors="replace")
         if response.status_code >= 400:
             snippet = text[:ERROR_BODY_CHARS]
-            raise ConnectorError(
-                f"HTTP {response.status_code}: {snippet}" if snippet else f"HTTP {response.status_code}"
-            )
+            message = f"HTTP {response.status_code}: {snippet}" if snippet else f"HTTP {response.status_code}"
+            # A 4xx refuses this request; 408, 429 and 5xx say the target is struggling (the breaker counts those).
+            if response.status_code < 500 and response.status_code not in (408, 429):
+                raise ConnectorRejected(message)
+            raise ConnectorError(message)
         parsed: Any = text
         if not truncated and body and is_json(content_type):
             try:
@@ -214,18 +216,18 @@ class HttpConnector:
         """The URL and method, refused unless they are exactly what the catalog allowed."""
         checked = resolve({call.tool.name: call.tool}, call.tool.name, call.operation, call.resource)
         if isinstance(checked, CatalogViolation):
-            raise ConnectorError(f"{self._tool}: {checked.message}")
+            raise ConnectorRejected(f"{self._tool}: {checked.message}")
         method = call.operation.upper()
         if method not in METHODS:
-            raise ConnectorError(
+            raise ConnectorRejected(
                 f"{self._tool}: operation {call.operation!r} is not an HTTP method this connector sends"
             )
         try:
             url = httpx.URL(call.resource)
         except httpx.InvalidURL:
-            raise ConnectorError(f"{self._tool}: resource {call.resource!r} is not a valid URL") from None
+            raise ConnectorRejected(f"{self._tool}: resource {call.resource!r} is not a valid URL") from None
         if url.scheme not in ("http", "https") or not url.host:
-            raise ConnectorError(f"{self._tool}: resource {call.resource!r} is not an http(s) URL")
+            raise ConnectorRejected(f"{self._tool}: resource {call.resource!r} is not an http(s) URL")
         # A prefix without a trailing slash ("http://api.example") would also admit "http://api.example.evil";
         # the parsed origin must be the prefix's own.
         try:
@@ -237,7 +239,7 @@ class HttpConnector:
             and prefix.host
             and (url.scheme, url.host, url.port) != (prefix.scheme, prefix.host, prefix.port)
         ):
-            raise ConnectorError(f"{self._tool}: resource {call.resource!r} is not on the host of the tool's prefix")
+            raise ConnectorRejected(f"{self._tool}: resource {call.resource!r} is not on the host of the tool's prefix")
         return url, method
 
     def _read(self, response: httpx.Response, deadline: float) -> tuple[bytes, bool]:

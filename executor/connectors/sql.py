@@ -56,7 +56,15 @@ from sqlalchemy import types as sa_types
 from sqlalchemy.engine import URL
 from sqlalchemy.sql.elements import ColumnElement
 
-from executor.connectors.base import Call, ConnectorConfigError, ConnectorContext, ConnectorError, ConnectorTimeout
+from executor.connectors.base import (
+    Call,
+    ConnectorConfigError,
+    ConnectorContext,
+    ConnectorError,
+    ConnectorRejected,
+    ConnectorTimeout,
+    config_error,
+)
 from executor.secrets import MIN_SECRET_LENGTH, Secret, SecretError, SecretRef
 from pdp.policy.catalog import CatalogViolation, resolve
 from pdp.policy.duration import parse_duration
@@ -114,12 +122,7 @@ class SqlConnector:
         try:
             config = SqlSection.model_validate(dict(section))
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(part) for part in error['loc']) or '(section)'}: {error['msg']}"
-                for error in exc.errors(include_input=False, include_url=False)
-            )
-            # Without the input: it may be an inline credential.
-            raise ConnectorConfigError(f"tool {self._tool}: {problems}") from None
+            raise config_error(self._tool, exc) from None
         self._timeout_text = config.statement_timeout
         self._timeout = parse_duration(config.statement_timeout).total_seconds()
         self._max_rows = config.max_rows
@@ -180,7 +183,7 @@ class SqlConnector:
         unknown = sorted(set(params) - _PARAMS[operation])
         if unknown:
             accepted = ", ".join(sorted(_PARAMS[operation]))
-            raise ConnectorError(
+            raise ConnectorRejected(
                 f"{self._tool}: {operation} does not accept param {unknown[0]!r} (accepts: {accepted})"
             )
         try:
@@ -204,18 +207,18 @@ class SqlConnector:
         """The database and table, refused unless the resource is exactly ``sql://<database>/<table>``."""
         checked = resolve({call.tool.name: call.tool}, call.tool.name, call.operation, call.resource)
         if isinstance(checked, CatalogViolation):
-            raise ConnectorError(f"{self._tool}: {checked.message}")
+            raise ConnectorRejected(f"{self._tool}: {checked.message}")
         if call.operation not in OPERATIONS:
-            raise ConnectorError(f"{self._tool}: operation {call.operation!r} is not one of {', '.join(OPERATIONS)}")
+            raise ConnectorRejected(f"{self._tool}: operation {call.operation!r} is not one of {', '.join(OPERATIONS)}")
         scheme, _, rest = call.resource.partition("://")
         parts = rest.split("/")
         if scheme != "sql" or len(parts) != 2:
-            raise ConnectorError(f"{self._tool}: resource {call.resource!r} is not sql://<database>/<table>")
+            raise ConnectorRejected(f"{self._tool}: resource {call.resource!r} is not sql://<database>/<table>")
         database, table = parts
         if database not in self._urls:
-            raise ConnectorError(f"{self._tool}: database {database!r} is not configured for this tool")
+            raise ConnectorRejected(f"{self._tool}: database {database!r} is not configured for this tool")
         if not _IDENTIFIER.match(table):
-            raise ConnectorError(f"{self._tool}: {table!r} is not a table name")
+            raise ConnectorRejected(f"{self._tool}: {table!r} is not a table name")
         return database, table
 
     def _run(self, conn: Connection, operation: str, table: Table, params: dict[str, Any]) -> dict[str, Any]:
@@ -237,15 +240,15 @@ class SqlConnector:
         if "columns" in params:
             names = params["columns"]
             if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-                raise ConnectorError(f"{self._tool}: param 'columns' must be a non-empty list of column names")
+                raise ConnectorRejected(f"{self._tool}: param 'columns' must be a non-empty list of column names")
             columns = [self._column(table, name, "columns") for name in names]
         limit = params.get("limit", self._max_rows)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= self._max_rows:
-            raise ConnectorError(f"{self._tool}: param 'limit' must be an integer from 1 to {self._max_rows}")
+            raise ConnectorRejected(f"{self._tool}: param 'limit' must be an integer from 1 to {self._max_rows}")
         statement = select(*columns).where(*self._where(table, params.get("where"), required=False))
         if "order_by" in params:
             if not isinstance(params["order_by"], str):
-                raise ConnectorError(f"{self._tool}: param 'order_by' must be a column name")
+                raise ConnectorRejected(f"{self._tool}: param 'order_by' must be a column name")
             statement = statement.order_by(self._column(table, params["order_by"], "order_by"))
         # One row more than asked says whether there were more.
         rows = conn.execute(statement.limit(limit + 1)).mappings().all()
@@ -257,7 +260,7 @@ class SqlConnector:
 
     def _column(self, table: Table, name: Any, param: str) -> Column[Any]:
         if not isinstance(name, str) or name not in table.c:
-            raise ConnectorError(f"{self._tool}: param {param!r}: table {table.name} has no column {name!r}")
+            raise ConnectorRejected(f"{self._tool}: param {param!r}: table {table.name} has no column {name!r}")
         column: Column[Any] = table.c[name]
         return column
 
@@ -266,7 +269,7 @@ class SqlConnector:
             return []
         if not isinstance(where, Mapping) or (required and not where):
             need = "a non-empty" if required else "an"
-            raise ConnectorError(f"{self._tool}: param 'where' must be {need} object of column: value")
+            raise ConnectorRejected(f"{self._tool}: param 'where' must be {need} object of column: value")
         conditions: list[ColumnElement[bool]] = []
         for name, value in where.items():
             column = self._column(table, name, "where")
@@ -274,7 +277,7 @@ class SqlConnector:
                 conditions.append(column.is_(None))
             elif isinstance(value, list):
                 if not all(isinstance(item, _SCALARS) for item in value):
-                    raise ConnectorError(f"{self._tool}: param 'where.{name}': a list may hold only plain values")
+                    raise ConnectorRejected(f"{self._tool}: param 'where.{name}': a list may hold only plain values")
                 present = [_bind(column, item, f"where.{name}", self._tool) for item in value if item is not None]
                 condition: ColumnElement[bool] = column.in_(present)
                 # IN never matches NULL; a null in the list means "or IS NULL", as on its own.
@@ -282,12 +285,12 @@ class SqlConnector:
             elif isinstance(value, _SCALARS):
                 conditions.append(column == _bind(column, value, f"where.{name}", self._tool))
             else:
-                raise ConnectorError(f"{self._tool}: param 'where.{name}' must be a value, null or a list of values")
+                raise ConnectorRejected(f"{self._tool}: param 'where.{name}' must be a value, null or a list of values")
         return conditions
 
     def _values(self, table: Table, values: Any, param: str) -> dict[str, Any]:
         if not isinstance(values, Mapping) or not values:
-            raise ConnectorError(f"{self._tool}: param {param!r} must be a non-empty object of column: value")
+            raise ConnectorRejected(f"{self._tool}: param {param!r} must be a non-empty object of column: value")
         return {
             self._column(table, name, param).key: _bind(table.c[name], value, f"{param}.{name}", self._tool)
             for name, value in values.items()
@@ -295,17 +298,17 @@ class SqlConnector:
 
     def _insert_rows(self, table: Table, params: dict[str, Any]) -> list[dict[str, Any]]:
         if ("values" in params) == ("rows" in params):
-            raise ConnectorError(f"{self._tool}: insert takes exactly one of param 'values' (one row) or 'rows'")
+            raise ConnectorRejected(f"{self._tool}: insert takes exactly one of param 'values' (one row) or 'rows'")
         if "values" in params:
             return [self._values(table, params["values"], "values")]
         rows = params["rows"]
         if not isinstance(rows, list) or not 1 <= len(rows) <= MAX_INSERT_ROWS:
-            raise ConnectorError(f"{self._tool}: param 'rows' must be a list of 1 to {MAX_INSERT_ROWS} objects")
+            raise ConnectorRejected(f"{self._tool}: param 'rows' must be a list of 1 to {MAX_INSERT_ROWS} objects")
         checked = [self._values(table, row, f"rows[{i}]") for i, row in enumerate(rows)]
         # One statement serves every row, so every row must name the same columns.
         for i, row in enumerate(checked):
             if row.keys() != checked[0].keys():
-                raise ConnectorError(f"{self._tool}: param 'rows[{i}]' names other columns than rows[0]")
+                raise ConnectorRejected(f"{self._tool}: param 'rows[{i}]' names other columns than rows[0]")
         return checked
 
     # --- engines, tables, errors -----------------------------------------------------------------------
@@ -352,7 +355,7 @@ class SqlConnector:
         try:
             table = Table(name, MetaData(), autoload_with=self._engine(database))
         except sa_exc.NoSuchTableError:
-            raise ConnectorError(f"{self._tool}: database {database!r} has no table {name!r}") from None
+            raise ConnectorRejected(f"{self._tool}: database {database!r} has no table {name!r}") from None
         with self._lock:
             self._tables[key] = table
         return table
@@ -364,6 +367,8 @@ class SqlConnector:
             return ConnectorTimeout(f"{self._tool}: statement did not finish within {self._timeout_text}")
         detail = str(orig) if isinstance(orig, BaseException) else str(exc)
         first = detail.strip().splitlines()[0] if detail.strip() else exc.__class__.__name__
+        if isinstance(exc, sa_exc.IntegrityError):  # a constraint refused the agent's values: not the database's fault
+            return ConnectorRejected(f"{self._tool}: {first}")
         return ConnectorError(f"{self._tool}: {first}")
 
 
@@ -426,7 +431,7 @@ def _bind(column: Column[Any], value: Any, param: str, tool: str) -> Any:
         if isinstance(kind, sa_types.LargeBinary):
             return base64.b64decode(value, validate=True)
     except ValueError:
-        raise ConnectorError(f"{tool}: param {param!r} is not a valid {kind.__class__.__name__} value") from None
+        raise ConnectorRejected(f"{tool}: param {param!r} is not a valid {kind.__class__.__name__} value") from None
     return value
 
 

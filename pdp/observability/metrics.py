@@ -81,7 +81,7 @@ POLICY_RELOAD_FAILURES = Counter(
 
 EXECUTIONS = Counter(
     "pdp_executions",
-    "Executions, by tool and status (succeeded, failed; unrecorded: the outcome could not be written)",
+    "Executions, by tool and status (succeeded, failed; late: recovery took over; unrecorded: not written)",
     ["tool", "status"],
     registry=EXECUTOR,
 )
@@ -158,7 +158,7 @@ def reload_failed() -> None:
 
 
 def executed(tool: str, status: str, seconds: float) -> None:
-    """An execution finished; ``status`` is succeeded, failed or unrecorded (recovery will decide)."""
+    """An execution finished; ``status`` is succeeded, failed, late or unrecorded."""
     key = (tool, status)
     child = _EXECUTIONS.get(key)
     if child is None:

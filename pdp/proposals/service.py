@@ -158,15 +158,14 @@ class ProposalService:
                 charged_usd=governed.charged_usd,
                 limited_by=governed.limited_by,
             )
-            recorded = store.record_proposal(conn, record)
-            if not recorded.replayed:  # no decision without its audit event, in the same transaction
-                if ticket is not None:
-                    store.insert_ticket(conn, ticket)
-                chain.append(conn, events.proposal_decided(record, ticket))
-                for event in governed.events:
-                    chain.append(conn, event)
+            store.record_proposal(conn, record)
+            if ticket is not None:
+                store.insert_ticket(conn, ticket)
+            chain.append(conn, events.proposal_decided(record, ticket))  # no decision without its audit event
+            for event in governed.events:
+                chain.append(conn, event)
             hits.extend(governed.hits)
-            return recorded
+            return Recorded(record, replayed=False)
 
         hits: list[Hit] = []  # counted for metrics once the unit committed (an error records nothing)
         future = self._writer.submit(unit)

@@ -7,7 +7,6 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, RowMapping, bindparam, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from pdp.errors import AlreadyExists, FailedPrecondition, NotFound
 from pdp.policy.decision import Decision
@@ -139,15 +138,6 @@ class Recorded:
 # Built once: executing a constant statement with a parameter dict skips per-row statement
 # construction and coercion, which dominated the writer thread's time.
 _INSERT = proposals.insert()
-_IDEMPOTENCY = [proposals.c.agent_id, proposals.c.idempotency_key]
-# RETURNING says whether the row was inserted: psycopg reports rowcount -1 for ON CONFLICT DO NOTHING,
-# which once made every new keyed proposal look like a replay (and skip its audit event).
-_INSERT_IF_NEW = {
-    "postgresql": postgresql.insert(proposals)
-    .on_conflict_do_nothing(index_elements=_IDEMPOTENCY)
-    .returning(proposals.c.id),
-    "sqlite": sqlite.insert(proposals).on_conflict_do_nothing(index_elements=_IDEMPOTENCY).returning(proposals.c.id),
-}
 
 
 def find_replay(conn: Connection, agent_id: str, key: str, action_digest: str) -> Recorded | None:
@@ -167,30 +157,10 @@ def find_replay(conn: Connection, agent_id: str, key: str, action_digest: str) -
     return Recorded(earlier, replayed=True)
 
 
-def record_proposal(conn: Connection, record: ProposalRecord) -> Recorded:
-    """Insert a decided proposal; with an idempotency key already used, return the earlier one."""
-    if not record.idempotency_key:
-        conn.execute(_INSERT, record.row())
-        return Recorded(record, replayed=False)
-    if conn.execute(_INSERT_IF_NEW[conn.dialect.name], record.row()).first() is not None:
-        return Recorded(record, replayed=False)
-    row = (
-        conn.execute(
-            select(proposals).where(
-                proposals.c.agent_id == record.agent_id,
-                proposals.c.idempotency_key == record.idempotency_key,
-            )
-        )
-        .mappings()
-        .one()
-    )
-    earlier = ProposalRecord.from_row(row)
-    if earlier.action_digest != record.action_digest:
-        raise AlreadyExists(
-            f"idempotency_key {record.idempotency_key!r} was already used for a different action "
-            f"(proposal {earlier.id})"
-        )
-    return Recorded(earlier, replayed=True)
+def record_proposal(conn: Connection, record: ProposalRecord) -> None:
+    """Insert a decided proposal. The caller looked for a replay (:func:`find_replay`) under the chain's lock,
+    so no one else can have used its idempotency key since; the unique key still guards the table."""
+    conn.execute(_INSERT, record.row())
 
 
 def get_proposal(conn: Connection, proposal_id: str, agent_id: str) -> ProposalRecord:
