@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -481,6 +482,23 @@ def test_serve_refuses_a_bundle_with_a_type_error(tmp_path: Path, cli_env: dict[
     assert result.returncode != 0
     assert f"support.yaml:{line}" in result.stderr, result.stderr
     assert "resourse" in result.stderr
+
+
+def test_serve_refuses_a_bundle_that_fails_its_own_tests(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """The bar hot reload sets, at startup too: a restart must not activate what a reload would refuse."""
+    bundle = tmp_path / "policies"
+    shutil.copytree(POLICIES, bundle)
+    tests = bundle / "tests" / "support.yaml"
+    tests.write_text(
+        tests.read_text().replace("expect: {outcome: allow, rules: [tickets-read]}", "expect: {outcome: deny}", 1)
+    )
+    database = f"sqlite:///{tmp_path / 'pdp.db'}"
+    upgrade(database)
+
+    result = _serve(database, bundle, cli_env, tmp_path)
+
+    assert result.returncode != 0
+    assert "fails its own tests" in result.stderr and "tests/support.yaml:" in result.stderr, result.stderr
 
 
 def test_serve_refuses_an_unmigrated_database(empty_database_url: str, tmp_path: Path, cli_env: dict[str, str]) -> None:

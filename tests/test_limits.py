@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import PDP, Server, fresh_database, running_server, start_serve
 from sqlalchemy import select
-from test_observability import delta, scrape
+from test_observability import delta, scrape, value
 
 from pdp.client import PdpClient, PdpClientError
 from pdp.governance.limits import window_start
@@ -250,6 +250,8 @@ def test_a_retry_storm_quarantines_exactly_after_n_and_a_human_releases_it(
         quarantined = world.events("agent.quarantined")
         assert [e["agent_id"] for e in quarantined] == [stormer_id]
         assert quarantined[0]["data"]["limit"] == "storm"
+        _, samples = scrape(server.admin_url + "/metrics")
+        assert value(samples, "pdp_quarantined_agents") == 1
 
         release = subprocess.run(
             [PDP, "agents", "release", stormer_id, "--by", "sam", "--database-url", database_url],
@@ -261,6 +263,7 @@ def test_a_retry_storm_quarantines_exactly_after_n_and_a_human_releases_it(
         assert release.returncode == 0, release.stderr
         assert propose(stormer, "fine").decision.outcome == pdp_pb2.ALLOW
         assert world.events("agent.released")[0]["actor"] == "cli:sam"
+        assert value(scrape(server.admin_url + "/metrics")[1], "pdp_quarantined_agents") == 0
         again = subprocess.run(
             [PDP, "agents", "release", stormer_id, "--database-url", database_url],
             capture_output=True,

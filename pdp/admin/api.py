@@ -221,7 +221,8 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 _bearer = HTTPBearer(auto_error=False, description="an approver token (`pdp approvers add` prints it once)")
 
 
-def _service(request: Request) -> ApprovalService:
+def service_of(request: Request) -> ApprovalService:
+    """The approval use cases the app was built with (``create_app`` puts them on ``app.state``)."""
     service: ApprovalService = request.app.state.approvals
     return service
 
@@ -231,11 +232,11 @@ def current_approver(
 ) -> Approver:
     if credentials is None or not credentials.credentials:
         raise Unauthenticated("an approver bearer token is required")
-    return _service(request).authenticate(credentials.credentials)
+    return service_of(request).authenticate(credentials.credentials)
 
 
 ApproverDep = Annotated[Approver, Depends(current_approver)]
-ServiceDep = Annotated[ApprovalService, Depends(_service)]
+ServiceDep = Annotated[ApprovalService, Depends(service_of)]
 
 
 def proposal_id(value: str) -> str:

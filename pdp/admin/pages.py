@@ -20,9 +20,9 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from pdp.admin import sessions
-from pdp.admin.api import proposal_id
+from pdp.admin.api import proposal_id, service_of
 from pdp.admin.sessions import Session
-from pdp.approvals.service import MAX_TEXT, ApprovalService
+from pdp.approvals.service import MAX_TEXT
 from pdp.errors import NotFound, PermissionDenied, Unauthenticated
 from pdp.identity.approvers import Approver
 
@@ -98,11 +98,6 @@ def _is_proposal_path(path: str) -> bool:
     return True
 
 
-def _service(request: Request) -> ApprovalService:
-    service: ApprovalService = request.app.state.approvals
-    return service
-
-
 def _key(request: Request) -> bytes:
     key: bytes = request.app.state.session_key
     return key
@@ -115,7 +110,7 @@ def current_user(request: Request) -> User:
     if session is None:
         raise LoginRequired
     try:
-        approver = _service(request).approver(session.approver_id)
+        approver = service_of(request).approver(session.approver_id)
     except Unauthenticated:
         raise LoginRequired from None
     user = User(approver, session, sessions.csrf_token(key, session))
@@ -169,7 +164,7 @@ def login(request: Request, token: Annotated[str, Form()] = "", csrf_token: Csrf
         # Login CSRF: only a form this server rendered, in this browser, may sign it in.
         return _login_form(request, 403, "This sign-in form has expired or did not come from this site. Try again.")
     try:
-        approver = _service(request).authenticate(token.strip())
+        approver = service_of(request).authenticate(token.strip())
     except Unauthenticated:
         return _login_form(request, 401, "Unknown or revoked token.")
     _, cookie = sessions.issue(key, approver.id, time.time())
@@ -189,12 +184,12 @@ def logout(request: Request, user: UserDep, csrf_token: CsrfField = "") -> Respo
 
 @router.get("/")
 def pending(request: Request, user: UserDep) -> Response:
-    return render(request, "list.html", items=_service(request).pending(user.approver))
+    return render(request, "list.html", items=service_of(request).pending(user.approver))
 
 
 @router.get("/proposals/{id}")
 def detail(request: Request, id: str, user: UserDep) -> Response:
-    d = _service(request).detail(user.approver, proposal_id(id))
+    d = service_of(request).detail(user.approver, proposal_id(id))
     params = json.dumps(d.action.get("params") or {}, indent=2, sort_keys=True, ensure_ascii=False)
     labels = d.action.get("labels") or {}
     return render(
@@ -212,7 +207,7 @@ def approve(
     request: Request, id: str, user: UserDep, comment: Annotated[str, Form()] = "", csrf_token: CsrfField = ""
 ) -> Response:
     _check_csrf(request, user, csrf_token)
-    result = _service(request).approve(user.approver, proposal_id(id), comment)
+    result = service_of(request).approve(user.approver, proposal_id(id), comment)
     return RedirectResponse(f"/proposals/{result.proposal_id}", status_code=303)
 
 
@@ -221,5 +216,5 @@ def reject(
     request: Request, id: str, user: UserDep, reason: Annotated[str, Form()] = "", csrf_token: CsrfField = ""
 ) -> Response:
     _check_csrf(request, user, csrf_token)
-    result = _service(request).reject(user.approver, proposal_id(id), reason)
+    result = service_of(request).reject(user.approver, proposal_id(id), reason)
     return RedirectResponse(f"/proposals/{result.proposal_id}", status_code=303)

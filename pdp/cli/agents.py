@@ -20,7 +20,8 @@ DEV_TOKEN_FILE = Path(".pdp/agent-token")
 DEV_AGENT = ("dev-agent", "dev", ("support",))
 
 
-def _csv(value: str) -> tuple[str, ...]:
+def csv(value: str) -> tuple[str, ...]:
+    """A comma-separated flag value (roles, groups), blanks dropped."""
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
@@ -41,7 +42,7 @@ def register(commands: Any) -> None:
     add = sub.add_parser("add", help="create an agent; prints its token once, alone on the last line")
     add.add_argument("id")
     add.add_argument("--owner", required=True, help="the human accountable for this agent")
-    add.add_argument("--roles", default="", type=_csv, help="comma-separated roles policies can see")
+    add.add_argument("--roles", default="", type=csv, help="comma-separated roles policies can see")
     add.add_argument("--label", action="append", default=[], help="KEY=VALUE, repeatable")
     add_arguments(add, ("database_url",))
     add.set_defaults(handler=run_add)

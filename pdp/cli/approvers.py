@@ -8,14 +8,11 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from pdp.cli.agents import csv
 from pdp.config import add_arguments, from_args
 from pdp.errors import PdpError
 from pdp.identity.approvers import add_approver, check_groups, list_approvers, revoke_approver, set_groups
 from pdp.store.database import create_db_engine
-
-
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
 def register(commands: Any) -> None:
@@ -24,7 +21,7 @@ def register(commands: Any) -> None:
 
     add = sub.add_parser("add", help="create an approver; prints their token once, alone on the last line")
     add.add_argument("id", help="the person's login; separation of duties compares it with agents' owners")
-    add.add_argument("--groups", required=True, type=_csv, help="comma-separated approver groups")
+    add.add_argument("--groups", required=True, type=csv, help="comma-separated approver groups")
     add.add_argument("--name", default="", help="display name (default: the id)")
     add_arguments(add, ("database_url",))
     add.set_defaults(handler=run_add)
@@ -40,8 +37,8 @@ def register(commands: Any) -> None:
 
     groups = sub.add_parser("groups", help="add an approver to groups or remove them; prints the new groups")
     groups.add_argument("id")
-    groups.add_argument("--add", default=(), type=_csv, help="comma-separated groups to join")
-    groups.add_argument("--remove", default=(), type=_csv, help="comma-separated groups to leave")
+    groups.add_argument("--add", default=(), type=csv, help="comma-separated groups to join")
+    groups.add_argument("--remove", default=(), type=csv, help="comma-separated groups to leave")
     add_arguments(groups, ("database_url",))
     groups.set_defaults(handler=run_groups)
 

@@ -64,26 +64,19 @@ class PdpState(Collector):
                     .where(proposals.c.state == ProposalState.PENDING_APPROVAL.value)
                 ).scalar_one()
                 breakers = _breakers(conn, now)
-        except SQLAlchemyError:
-            log.warning("metrics: cannot read pending approvals and circuit breakers", exc_info=True)
+                quarantined = conn.execute(
+                    select(func.count())
+                    .select_from(quarantines)
+                    .where(quarantines.c.released_at.is_(None), quarantines.c.until > now)
+                ).scalar_one()
+        except SQLAlchemyError:  # left out, not reported as 0: a scrape must not claim what it could not read
+            log.warning("metrics: cannot read pending approvals, breakers and quarantines", exc_info=True)
         else:
             yield GaugeMetricFamily("pdp_pending_approvals", "Proposals waiting for approval", value=float(pending))
             yield breakers
-        count = float(self._quarantined(now))
-        yield GaugeMetricFamily("pdp_quarantined_agents", "Agents quarantined by a retry-storm limit", value=count)
-
-    def _quarantined(self, now: datetime) -> int:
-        query = (
-            select(func.count())
-            .select_from(quarantines)
-            .where(quarantines.c.released_at.is_(None), quarantines.c.until > now)
-        )
-        try:
-            with self._engine.connect() as conn:
-                return int(conn.execute(query).scalar_one())
-        except SQLAlchemyError:  # e.g. a database not yet upgraded to the governance schema
-            log.debug("metrics: cannot count quarantined agents", exc_info=True)
-            return 0
+            yield GaugeMetricFamily(
+                "pdp_quarantined_agents", "Agents quarantined by a retry-storm limit", value=float(quarantined)
+            )
 
 
 class ExecutorState(Collector):

@@ -22,7 +22,7 @@ from pathlib import Path
 from pdp.policy.bundle import ActiveBundle, PolicyBundle
 from pdp.policy.loader import BundleError, load_bundle
 from pdp.policy.source import _bundle_files
-from pdp.policy.testing import run_tests
+from pdp.policy.testing import failing_tests
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class BundleReloader:
                 return self._refuse(reason, current, f"{self.directory}: cannot read the bundle: {exc}")
             if candidate.policy_version == current.policy_version:
                 return ReloadResult(ReloadStatus.UNCHANGED, reason, current.policy_version, current.policy_version)
-            failures = _test_failures(candidate)
+            failures = failing_tests(candidate)
             if failures:
                 return self._refuse(reason, current, "\n".join(failures))
             if not candidate.tests:
@@ -188,12 +188,3 @@ class BundleReloader:
                 self.reload("watch")
             except Exception:  # the watcher must outlive any surprise; the next change tries again
                 log.exception("watching policy bundle %s failed", self.directory)
-
-
-def _test_failures(bundle: PolicyBundle) -> list[str]:
-    """One line per failed expectation, ``file:line: test 'name': …``, in bundle order."""
-    lines: list[str] = []
-    for result in run_tests(bundle):
-        for failure in result.failures:
-            lines.append(f"{result.case.location}: test {result.case.spec.name!r}: {failure}")
-    return lines

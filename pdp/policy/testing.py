@@ -77,3 +77,12 @@ def run_case(bundle: PolicyBundle, case: PolicyTestCase) -> TestResult:
 
 def run_tests(bundle: PolicyBundle) -> list[TestResult]:
     return [run_case(bundle, case) for case in bundle.tests]
+
+
+def failing_tests(bundle: PolicyBundle) -> list[str]:
+    """One line per failed expectation, ``file:line: test 'name': …``, in bundle order (empty: all pass)."""
+    return [
+        f"{result.case.location}: test {result.case.spec.name!r}: {failure}"
+        for result in run_tests(bundle)
+        for failure in result.failures
+    ]

@@ -36,6 +36,7 @@ from pdp.policy.bundle import ActiveBundle, PolicyBundle
 from pdp.policy.duration import parse_duration
 from pdp.policy.loader import BundleError, load_bundle
 from pdp.policy.reload import BundleReloader
+from pdp.policy.testing import failing_tests
 from pdp.proposals.service import ProposalService, utc_now
 from pdp.server.grpc_api import SERVICE_NAME, PolicyDecisionPointService, generic_handler
 from pdp.store.database import create_db_engine
@@ -107,6 +108,9 @@ async def start(config: Config) -> RunningServer:
         bundle = load_bundle(config.policy_dir)
     except BundleError as exc:
         raise StartupError(f"policy bundle {config.policy_dir!r} does not load:\n{exc}") from exc
+    failures = failing_tests(bundle)  # the same bar hot reload sets: a bundle must pass its own tests
+    if failures:
+        raise StartupError(f"policy bundle {config.policy_dir!r} fails its own tests:\n" + "\n".join(failures))
     try:
         key = load_private(Path(config.signing_key))
         every, interval = int(config.checkpoint_every), float(config.checkpoint_interval)
