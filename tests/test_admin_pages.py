@@ -264,7 +264,8 @@ def test_every_page_carries_the_security_headers(admin: Admin) -> None:
     assert '<meta name="viewport"' in page and "max-width" in page and "overflow-wrap: anywhere" in page
 
 
-def test_logout_ends_the_session(admin: Admin) -> None:
+def test_logout_clears_the_session_cookie(admin: Admin) -> None:
+    """Sessions are stateless (signed cookies): logout clears the browser's; see the README on copied cookies."""
     _, browser = admin.signed_in(LEADS)
     with closing(browser):
         token = csrf(browser.get("/"))
