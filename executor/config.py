@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pdp.observability.exposition import split_address
-from pdp.policy.duration import parse_duration
+from pdp.policy.duration import DurationText, parse_duration
 
 # Settings the executor shares with `pdp serve`: same variables, so one environment configures both.
 OVERRIDES = {
@@ -34,21 +34,11 @@ class ConfigError(Exception):
     """The config cannot be used; the message names the file and the key."""
 
 
-def _duration(value: str) -> str:
-    parse_duration(value)
-    return value
-
-
 class BreakerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     failures: int = Field(default=5, ge=1, le=1000)  # consecutive execution failures that open it
-    cooldown: str = "30s"  # how long it stays open before one trial
-
-    @field_validator("cooldown")
-    @classmethod
-    def _cooldown(cls, value: str) -> str:
-        return _duration(value)
+    cooldown: DurationText = "30s"  # how long it stays open before one trial
 
 
 class FileConfig(BaseModel):
@@ -59,21 +49,16 @@ class FileConfig(BaseModel):
     policy_dir: str = "policies"
     worker_id: str | None = Field(default=None, min_length=1, max_length=100)
     concurrency: int = Field(default=8, ge=1, le=256)
-    poll_interval: str = "20ms"
-    lease: str = "30s"
+    poll_interval: DurationText = "20ms"
+    lease: DurationText = "30s"
     max_attempts: int = Field(default=3, ge=1, le=20)  # idempotent tools: runs in all, after crashes
-    retry_backoff: str = "1s"  # before the 2nd run; doubles for each later one
+    retry_backoff: DurationText = "1s"  # before the 2nd run; doubles for each later one
     breaker: BreakerSettings = BreakerSettings()
     breakers: dict[str, BreakerSettings] = {}  # per-tool overrides of `breaker`
     tools: dict[str, dict[str, Any]] = {}  # tool name -> its connector's section
     metrics_addr: str = "127.0.0.1:9464"  # Prometheus /metrics; "" turns it off, port 0 picks a free one
     log_format: Literal["json", "text"] = "json"
     otlp_endpoint: str = ""  # OTLP/HTTP collector for traces; none: spans are not exported
-
-    @field_validator("poll_interval", "lease", "retry_backoff")
-    @classmethod
-    def _durations(cls, value: str) -> str:
-        return _duration(value)
 
     @field_validator("metrics_addr")
     @classmethod

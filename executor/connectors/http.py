@@ -49,7 +49,7 @@ from executor.connectors.base import (
 )
 from executor.secrets import Secret, SecretError, SecretRef
 from pdp.policy.catalog import CatalogViolation, resolve
-from pdp.policy.duration import parse_duration
+from pdp.policy.duration import DurationText, parse_duration
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -82,17 +82,11 @@ class HeaderCredential(SecretRef):
 class HttpSection(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    timeout: str = "10s"
+    timeout: DurationText = "10s"
     max_response_bytes: int = Field(default=1024 * 1024, gt=0)
     response_headers: tuple[str, ...] = DEFAULT_RESPONSE_HEADERS
     headers: dict[str, HeaderCredential] = Field(default_factory=dict)
     verify_tls: bool = True
-
-    @field_validator("timeout")
-    @classmethod
-    def _duration(cls, text: str) -> str:
-        parse_duration(text)
-        return text
 
     @field_validator("response_headers", mode="before")
     @classmethod

@@ -67,7 +67,7 @@ from executor.connectors.base import (
 )
 from executor.secrets import MIN_SECRET_LENGTH, Secret, SecretError, SecretRef
 from pdp.policy.catalog import CatalogViolation, resolve
-from pdp.policy.duration import parse_duration
+from pdp.policy.duration import DurationText, parse_duration
 from pdp.store.database import normalize_url
 
 OPERATIONS = ("select", "insert", "update", "delete")
@@ -91,14 +91,8 @@ class SqlSection(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     databases: dict[str, SecretRef] = Field(min_length=1)
-    statement_timeout: str = "5s"
+    statement_timeout: DurationText = "5s"
     max_rows: int = Field(default=100, gt=0, le=10_000)
-
-    @field_validator("statement_timeout")
-    @classmethod
-    def _duration(cls, text: str) -> str:
-        parse_duration(text)
-        return text
 
     @field_validator("databases", mode="before")
     @classmethod

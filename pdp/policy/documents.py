@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from pdp.policy.duration import parse_duration
+from pdp.policy.duration import DurationText, parse_duration
 
 API_VERSION = "pdp/v1"
 
@@ -28,13 +28,7 @@ class _Doc(_Strict):
 class ApprovalSpec(_Strict):
     groups: list[Name] = Field(min_length=1)
     min_approvals: int = Field(default=1, ge=1, le=100)
-    expires_in: str = "1h"
-
-    @field_validator("expires_in")
-    @classmethod
-    def _duration(cls, value: str) -> str:
-        parse_duration(value)
-        return value
+    expires_in: DurationText = "1h"
 
 
 class BundleDoc(_Doc):
@@ -92,14 +86,8 @@ class ToolsDoc(_Doc):
 
 class RetryStormSpec(_Strict):
     repeats: int = Field(ge=1, le=1000)
-    window: str = "10m"
-    quarantine: str = "15m"
-
-    @field_validator("window", "quarantine")
-    @classmethod
-    def _duration(cls, value: str) -> str:
-        parse_duration(value)
-        return value
+    window: DurationText = "10m"
+    quarantine: DurationText = "15m"
 
 
 class ScopeKeySpec(_Strict):

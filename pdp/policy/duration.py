@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 _PART = re.compile(r"(\d+)(ms|s|m|h|d)")
 MAX_SECONDS = 365 * 86400
@@ -22,3 +25,12 @@ def parse_duration(text: str) -> timedelta:
     if seconds > MAX_SECONDS:
         raise ValueError(f"invalid duration {text!r}: at most 365d")
     return timedelta(seconds=seconds)
+
+
+def _checked(text: str) -> str:
+    parse_duration(text)
+    return text
+
+
+# A duration field in a pydantic model (policy documents, executor config): kept as written, checked on load.
+DurationText = Annotated[str, AfterValidator(_checked)]
