@@ -4,7 +4,8 @@ Each function is one transaction's worth of work on a connection the caller open
 ``engine.begin()``. Every state change appends its audit event in the same transaction.
 
 Every transaction here takes the audit chain's lock first (a PostgreSQL advisory lock held to the
-end of the transaction; SQLite's ``BEGIN IMMEDIATE`` is one lock anyway), as every PDP writer does.
+end of the transaction, which the executor's writer takes before any savepoint; SQLite's ``BEGIN
+IMMEDIATE`` is one lock anyway), as every PDP writer does.
 So the executors' transactions, and the PDP's, never overlap: two executors cannot claim the same
 proposal, no row lock is needed, and no two writers can deadlock. Executors still work in parallel
 where it matters, in the connector calls between their short transactions.

@@ -29,6 +29,7 @@ from executor.claims import Job, Lease, Outcome
 from executor.config import Settings
 from executor.connectors.base import Call, Connector, ConnectorError, ConnectorRejected, ConnectorTimeout
 from executor.redaction import Redactor
+from pdp.audit.chain import chain_writer
 from pdp.canonical import canonical_json
 from pdp.observability import logs, metrics, tracing
 from pdp.observability.collectors import ExecutorState
@@ -36,7 +37,6 @@ from pdp.observability.exposition import MetricsServer
 from pdp.policy.catalog import Tool
 from pdp.proposals.states import ProposalState
 from pdp.store.models import proposals
-from pdp.store.writer import GroupCommitWriter
 
 log = logging.getLogger("executor")
 
@@ -77,7 +77,7 @@ class Executor:
     ) -> None:
         self._settings = settings
         self._reader = reader
-        self._writes = GroupCommitWriter(writer, max_batch=64)
+        self._writes = chain_writer(writer, max_batch=64)
         self._catalog = dict(catalog)
         self._connectors = dict(connectors)
         self._served = {name: catalog[name] for name in connectors}

@@ -9,7 +9,13 @@ verifiers.
 Appends happen inside the transaction of the state change they record (a unit of the group-commit
 writer), so the event and the change commit or roll back together. On PostgreSQL a transaction-scoped
 advisory lock serialises appends to a chain across replicas (a sequence would leave gaps); SQLite has
-one writer at a time anyway. The database also refuses any insert that does not extend the head.
+one writer at a time anyway (``BEGIN IMMEDIATE``, which no savepoint rollback gives back). The database
+also refuses any insert that does not extend the head.
+
+The lock is taken outside every savepoint: ``ROLLBACK TO SAVEPOINT`` releases the locks taken after the
+savepoint, advisory ones included, so a lock taken inside a writer unit would vanish with that unit's
+failure while the rest of the batch went on as if it held it. The writers take it in their prelude,
+before the first unit (``chain_writer``); ``lock_chain`` refuses to take it inside a savepoint.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from sqlalchemy import Connection, Engine, bindparam, event, select, text
 
 from pdp.canonical import canonical_json, timestamp
 from pdp.store.models import audit_events
+from pdp.store.writer import GroupCommitWriter, in_savepoint
 
 DOMAIN_TAG = b"agent-pdp/audit/v1\n"
 GENESIS = "0" * 64
@@ -89,18 +96,35 @@ def head(conn: Connection, chain: str = MAIN_CHAIN) -> tuple[int, str]:
     return (int(row.seq), str(row.hash)) if row is not None else (0, GENESIS)
 
 
+class ChainLockError(RuntimeError):
+    """The chain's lock was asked for inside a savepoint, where a rollback could release it unseen."""
+
+
 def lock_chain(conn: Connection, chain: str = MAIN_CHAIN) -> None:
     """PostgreSQL: hold the chain's advisory lock until this transaction ends (once per transaction).
 
-    A transaction-level advisory lock survives the rollback of a savepoint, so remembering that this
-    transaction took it saves a round trip for every later unit in a group-committed batch.
+    Taken only outside any savepoint, so nothing short of the transaction's end releases it; then
+    remembering it saves a round trip for every later unit of a group-committed batch. Inside a
+    savepoint it must already be held (a writer's prelude took it), else ChainLockError: a lock taken
+    there would be released by that savepoint's rollback while the memo still said held.
     """
     if conn.dialect.name != "postgresql":
         return
-    held = conn.info.setdefault(_LOCKS_HELD, set())
-    if chain not in held:
-        conn.execute(_LOCK, {"key": advisory_key(chain)})
-        held.add(chain)
+    held: set[str] | None = conn.info.get(_LOCKS_HELD)
+    if held is not None and chain in held:
+        return
+    if in_savepoint(conn):
+        raise ChainLockError(
+            f"the audit chain {chain!r} must be locked before the first savepoint of the transaction "
+            "(a savepoint's rollback releases it): build the writer with chain_writer()"
+        )
+    conn.execute(_LOCK, {"key": advisory_key(chain)})
+    conn.info.setdefault(_LOCKS_HELD, set()).add(chain)
+
+
+def chain_writer(engine: Engine, *, max_batch: int = 128) -> GroupCommitWriter:
+    """A group-commit writer whose every batch holds the main chain's lock from BEGIN to COMMIT."""
+    return GroupCommitWriter(engine, max_batch=max_batch, prelude=lock_chain)
 
 
 _LOCKS_HELD = "pdp_audit_locks_held"

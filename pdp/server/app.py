@@ -24,7 +24,7 @@ from pdp.admin.app import create_app
 from pdp.admin.server import AdminServer, bind
 from pdp.approvals.notify import WebhookNotifier
 from pdp.approvals.service import ApprovalService
-from pdp.audit.chain import Event, append
+from pdp.audit.chain import Event, append, chain_writer
 from pdp.audit.checkpointer import Checkpointer
 from pdp.audit.keys import KeyFileError, load_private
 from pdp.config import Config
@@ -161,7 +161,7 @@ async def start(config: Config) -> RunningServer:
         admin_socket.close()
         reader.dispose()
         raise StartupError(str(exc)) from exc
-    writer = GroupCommitWriter(create_db_engine(config.database_url, writer=True, pool_size=1))
+    writer = chain_writer(create_db_engine(config.database_url, writer=True, pool_size=1))
     pool = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="pdp-io")
     circuits = CircuitBoard(reader)
     circuits.start()

@@ -10,6 +10,12 @@ idempotency key.
 
 Every state change and the audit events that record it belong in the same unit, so they commit or
 roll back together.
+
+A lock a unit takes is released again if that unit rolls back: on PostgreSQL ``ROLLBACK TO SAVEPOINT``
+releases every lock acquired after the savepoint, advisory transaction locks included. A lock the whole
+batch must hold (the audit chain's) is therefore taken by the ``prelude``, which runs right after BEGIN,
+before the first savepoint. ``in_savepoint`` tells lock helpers where they are, so they can refuse to take
+such a lock inside a unit.
 """
 
 from __future__ import annotations
@@ -37,12 +43,22 @@ class _Item(Generic[T]):
 
 
 _STOP = object()
+_UNITS = "pdp_writer_units"  # conn.info flag: a batch's units are running, each inside its own savepoint
+
+
+def in_savepoint(conn: Connection) -> bool:
+    """Whether work on ``conn`` runs inside a savepoint: a writer unit, or SQLAlchemy's ``begin_nested``."""
+    return bool(conn.info.get(_UNITS)) or conn.in_nested_transaction()
 
 
 class GroupCommitWriter:
-    def __init__(self, engine: Engine, *, max_batch: int = 128) -> None:
+    def __init__(
+        self, engine: Engine, *, max_batch: int = 128, prelude: Callable[[Connection], None] | None = None
+    ) -> None:
+        """``prelude`` runs once per batch transaction, before any unit's savepoint (see the module doc)."""
         self._engine = engine
         self._max_batch = max_batch
+        self._prelude = prelude
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="pdp-writer", daemon=True)
         self._closed = False
@@ -97,19 +113,25 @@ class GroupCommitWriter:
         outcomes: list[tuple[bool, Any]] = []
         try:
             with self._engine.begin() as conn:
+                if self._prelude is not None:
+                    self._prelude(conn)
                 # Savepoints straight on the driver's connection: SQLAlchemy's begin_nested() costs
                 # ~100 µs of Python per unit, the statements themselves ~2 µs on SQLite.
                 cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-                for item in running:
-                    cursor.execute("SAVEPOINT pdp_unit")
-                    try:
-                        result = item.work(conn)
-                    except Exception as exc:
-                        cursor.execute("ROLLBACK TO SAVEPOINT pdp_unit")
-                        outcomes.append((False, exc))
-                    else:
-                        outcomes.append((True, result))
-                    cursor.execute("RELEASE SAVEPOINT pdp_unit")
+                conn.info[_UNITS] = True
+                try:
+                    for item in running:
+                        cursor.execute("SAVEPOINT pdp_unit")
+                        try:
+                            result = item.work(conn)
+                        except Exception as exc:
+                            cursor.execute("ROLLBACK TO SAVEPOINT pdp_unit")
+                            outcomes.append((False, exc))
+                        else:
+                            outcomes.append((True, result))
+                        cursor.execute("RELEASE SAVEPOINT pdp_unit")
+                finally:
+                    conn.info.pop(_UNITS, None)
         except Exception as exc:  # the commit itself failed: nothing in the batch is durable
             for item in running:
                 item.future.set_exception(exc)
