@@ -48,8 +48,8 @@ SETTINGS = (
         "checkpoint_interval",
         "--checkpoint-interval",
         "PDP_CHECKPOINT_INTERVAL",
-        "60",
-        "checkpoint at least every T seconds while events arrive",
+        "1",
+        "sign the audit chain's head when it moved and T seconds passed since the last checkpoint",
     ),
     Setting(
         "ticket_ttl",
@@ -93,7 +93,7 @@ class Config:
     environment: str
     checkpoint_file: str = ".pdp/checkpoints.jsonl"
     checkpoint_every: str = "1000"
-    checkpoint_interval: str = "60"
+    checkpoint_interval: str = "1"
     ticket_ttl: str = "10m"
     approval_webhooks: str = ""
     admin_url: str = ""

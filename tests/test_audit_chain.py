@@ -6,6 +6,7 @@ The helpers at the top are shared with the other audit test modules.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -28,6 +29,7 @@ from pdp.audit.verify import verify
 from pdp.canonical import canonical_json, digest
 from pdp.client import PdpClient, PdpClientError
 from pdp.identity.agents import add_agent
+from pdp.server.app import StartupError, start
 from pdp.store.database import create_db_engine
 from pdp.store.models import audit_events, proposals
 from pdp.v1 import pdp_pb2
@@ -403,6 +405,17 @@ def test_the_server_signs_every_n_events_and_at_shutdown(database_url: str) -> N
         assert report.checkpoints == 2 * len(signed)
     finally:
         engine.dispose()
+
+
+@pytest.mark.backend("sqlite")
+@pytest.mark.parametrize(
+    ("every", "interval"), [("0", "1"), ("x", "1"), ("5", "0"), ("5", "-1"), ("5", "nan"), ("5", "90000")]
+)
+def test_checkpoint_settings_out_of_range_refuse_to_start(database_url: str, every: str, interval: str) -> None:
+    """A zero or negative interval would spin the checkpointer; a huge one would leave the tail unsigned."""
+    config = replace(server_config(database_url), checkpoint_every=every, checkpoint_interval=interval)
+    with pytest.raises(StartupError, match="checkpoint"):
+        asyncio.run(start(config))
 
 
 def _stored(engine: Engine) -> list[Checkpoint]:

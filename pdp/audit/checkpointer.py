@@ -1,5 +1,12 @@
-"""Signs the chain head in the background: after every N new events, or every T seconds while events
-arrive, and once more at shutdown, so the tail of the log is always covered by the external file."""
+"""Signs the chain head in the background: once it moved and ``interval`` seconds (default 1) passed since
+the last checkpoint, after every ``every`` new events, and once more at shutdown.
+
+The head follows the chain closely so that the events no signature covers, the unsigned tail `pdp audit
+verify` reports, are the last second's while the PDP runs: a longer or older tail then means the PDP was
+not running (the executor's events after it stopped wait for its next start) or someone with the
+database's grants appended behind its back. A checkpoint is one writer unit (head read, a signature of
+~50 µs, one insert) and an fsynced line in the file: once a second it costs nothing measurable.
+"""
 
 from __future__ import annotations
 
@@ -55,6 +62,7 @@ class Checkpointer:
             return chain.head(conn)[0]
 
     async def checkpoint(self) -> Checkpoint | None:
+        started = time.monotonic()  # the interval runs from here, so a poll every `interval` finds it due
         try:
             signed = await asyncio.wrap_future(
                 self._writer.submit(lambda conn: sign_head(conn, self._key, self._clock()))
@@ -62,7 +70,7 @@ class Checkpointer:
             if signed is not None:
                 await asyncio.to_thread(append_to_file, self._file, signed)
                 self._signed_seq = signed.seq
-            self._signed_at = time.monotonic()
+            self._signed_at = started
             return signed
         except Exception:  # a failed checkpoint weakens detection; it must not stop decisions
             log.exception("audit checkpoint failed")

@@ -5,6 +5,13 @@ every hash and link recomputes, seq is contiguous from 1, each row's indexed col
 hashed body, every checkpoint (database and file) carries a valid signature and names a head the chain
 actually had. Only the file of checkpoints, kept outside the database, catches a full rewrite with
 recomputed hashes or a truncated tail.
+
+It also reports the *unsigned tail*: the events after the newest validly signed checkpoint, and the
+oldest ``occurred_at`` among them. A correct hash chain proves only that the rows agree with each other;
+whoever holds the database's grants can append a well-formed event, and until a checkpoint covers it
+nothing signed vouches for it. With the PDP running the tail is a second or two old; an old one means
+the PDP is not running (the executor's events after it stopped wait for its next start) or that
+someone appended behind its back.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +28,7 @@ from sqlalchemy import Connection, Engine, select, text
 
 from pdp.audit.chain import GENESIS, MAIN_CHAIN, event_hash
 from pdp.audit.checkpoints import Checkpoint, read_file, stored
+from pdp.canonical import timestamp
 from pdp.store.models import audit_events
 
 # Indexed columns that repeat a field of the hashed body (recorded_at is the database's own clock).
@@ -59,6 +68,13 @@ class Report:
     first_bad_seq: int | None = None
     problem: str = ""
     triggers_missing: list[str] = field(default_factory=list)
+    # The newest seq a validly signed checkpoint covers (0: none), and the verified events after it.
+    signed_seq: int = 0
+    unsigned: int = 0
+    # The earliest hashed occurred_at among the unsigned events; None when there are none, or when one of
+    # them has no readable occurred_at (then undated is set: its age is unknown).
+    unsigned_since: datetime | None = None
+    undated: bool = False
 
     @property
     def intact(self) -> bool:
@@ -129,6 +145,8 @@ def verify(
         for source, cp in checkpoints:
             if public_key is not None and not cp.valid(public_key):
                 report.fail(cp.seq, f"checkpoint at seq {cp.seq} ({source}) has an invalid signature")
+            elif public_key is not None:  # without a key nothing is signed as far as this check knows
+                report.signed_seq = max(report.signed_seq, cp.seq)
             by_seq.setdefault(cp.seq, []).append((source, cp))
         report.checkpoints = len(checkpoints)
 
@@ -149,7 +167,7 @@ def verify(
         rows = conn.execution_options(stream_results=True, yield_per=_BATCH).execute(query)
         for row in rows:
             seq = int(row[0])
-            problem = _check_row(tuple(row), expected_seq, prev)
+            problem, body = _check_row(tuple(row), expected_seq, prev)
             if problem:
                 report.fail(seq if seq == expected_seq else expected_seq, problem)
                 break
@@ -164,6 +182,8 @@ def verify(
                 break
             report.events += 1
             expected_seq, prev = seq + 1, str(row[_HASH])
+            if seq > report.signed_seq:
+                _unsigned(report, body)
         rows.close()
         report.head_seq, report.head_hash = expected_seq - 1, prev
         if report.first_bad_seq is None:
@@ -178,19 +198,77 @@ def verify(
     return report
 
 
-def _check_row(row: tuple[Any, ...], expected_seq: int, prev: str) -> str:
+def _unsigned(report: Report, body: dict[str, Any]) -> None:
+    """Count one event of the unsigned tail and date it by its hashed occurred_at."""
+    report.unsigned += 1
+    occurred = body.get("occurred_at")
+    try:
+        when = datetime.fromisoformat(occurred.replace("Z", "+00:00")) if isinstance(occurred, str) else None
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        report.undated = True  # an event that cannot be dated must not make the tail look young
+    elif report.unsigned_since is None or when < report.unsigned_since:
+        report.unsigned_since = when
+
+
+def _check_row(row: tuple[Any, ...], expected_seq: int, prev: str) -> tuple[str, dict[str, Any]]:
+    """The row's problem ("" if none) and its parsed body (a JSON object whenever there is no problem)."""
     seq, prev_hash, body, digest = int(row[0]), row[1], str(row[2]), row[_HASH]
     if seq != expected_seq:
-        return f"seq jumps from {expected_seq - 1} to {seq}: events are missing"
+        return f"seq jumps from {expected_seq - 1} to {seq}: events are missing", {}
     if prev_hash != prev:
-        return f"prev_hash does not match the hash of seq {seq - 1}: the chain is broken here"
+        return f"prev_hash does not match the hash of seq {seq - 1}: the chain is broken here", {}
     if event_hash(seq, prev, body.encode("utf-8")) != digest:
-        return "hash does not match the body: the event was altered"
+        return "hash does not match the body: the event was altered", {}
     try:
         parsed = json.loads(body)
     except ValueError:
-        return "body is not JSON"
+        return "body is not JSON", {}
+    if not isinstance(parsed, dict):
+        return "body is not a JSON object", {}
     for offset, column in enumerate(_COLUMNS, start=4):
         if column not in parsed or parsed[column] != row[offset]:
-            return f"column {column!r} does not match the hashed body: the row was altered"
+            return f"column {column!r} does not match the hashed body: the row was altered", {}
+    return "", parsed
+
+
+def unsigned_age(report: Report, now: datetime) -> timedelta | None:
+    """How long the oldest unsigned event has waited, by its hashed occurred_at (negative: dated ahead of
+    ``now``); None when there is no dated unsigned event."""
+    return None if report.unsigned_since is None else now - report.unsigned_since
+
+
+def stale_tail(report: Report, now: datetime, max_age: timedelta) -> str:
+    """Why the unsigned tail is beyond ``max_age`` (older, dated further ahead, or undated); "" if it is not.
+
+    A date ahead of ``now`` counts like one behind it: an appender who controls occurred_at must not be
+    able to keep its events young for ever.
+    """
+    if report.unsigned == 0:
+        return ""
+    tail = f"{report.unsigned} unsigned event(s) after seq {report.signed_seq}"
+    if report.undated:
+        return f"{tail}, one of them without a readable occurred_at: its age is unknown"
+    age = unsigned_age(report, now)
+    assert age is not None and report.unsigned_since is not None
+    since = timestamp(report.unsigned_since)
+    if age > max_age:
+        return f"{tail}, the oldest from {since} ({describe(age)} ago), older than {describe(max_age)}"
+    if -age > max_age:
+        return f"{tail}, the oldest dated {since} ({describe(-age)} in the future), beyond {describe(max_age)}"
     return ""
+
+
+def describe(span: timedelta) -> str:
+    """A duration for people: 850ms, 12s, 5m 3s, 2h 10m, 3d 4h."""
+    seconds = span.total_seconds()
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (secs, "s")]
+    first = next(i for i, (n, _) in enumerate(parts) if n)  # whole >= 1, so some part is non-zero
+    return " ".join(f"{n}{unit}" for n, unit in parts[first : first + 2] if n)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +14,16 @@ from sqlalchemy import select
 from pdp.audit.checkpoints import append_to_file, sign_head
 from pdp.audit.keys import KeyFileError, init_key, load_private, load_public, public_path
 from pdp.audit.roles import create_roles
-from pdp.audit.verify import verify
+from pdp.audit.verify import Report, describe, stale_tail, unsigned_age, verify
+from pdp.canonical import timestamp
 from pdp.config import add_arguments, from_args
+from pdp.policy.duration import parse_duration
 from pdp.store.database import create_db_engine
 from pdp.store.models import audit_events
+
+# Long enough for a PDP restart or deploy and for what the executor records after the PDP stopped; short
+# enough that a day of events nobody signed fails. A running PDP signs the head about every second.
+DEFAULT_MAX_UNSIGNED_AGE = "1h"
 
 
 def register(commands: Any) -> None:
@@ -35,6 +41,14 @@ def register(commands: Any) -> None:
     ver.add_argument("--no-checkpoint-file", action="store_true", help="check database checkpoints only")
     ver.add_argument("--public-key", type=Path, default=None, help="default: the signing key's .pub file")
     ver.add_argument("--from", dest="from_seq", type=int, default=1, help="start at this seq (trusting seq-1)")
+    ver.add_argument(
+        "--max-unsigned-age",
+        default=DEFAULT_MAX_UNSIGNED_AGE,
+        metavar="DURATION",
+        help="fail when events no checkpoint signs are older than this, e.g. 10m, 1h, 2d, or 'off' to only "
+        f"report them (default {DEFAULT_MAX_UNSIGNED_AGE}; a running PDP signs the head every second or so)",
+    )
+    ver.add_argument("--json", action="store_true", help="print the report as one JSON object")
     add_arguments(ver, ("database_url", "signing_key", "checkpoint_file"))
     ver.set_defaults(handler=run_verify)
 
@@ -69,6 +83,11 @@ def run_keys_init(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     config = from_args(args)
     try:
+        max_age = None if args.max_unsigned_age.strip().lower() == "off" else parse_duration(args.max_unsigned_age)
+    except ValueError as exc:
+        print(f"pdp audit verify: --max-unsigned-age: {exc} (or off)", file=sys.stderr)
+        return 2
+    try:
         key_path = args.public_key or _public_key_path(Path(config.signing_key))
         public_key = load_public(key_path)
     except KeyFileError as exc:
@@ -87,28 +106,97 @@ def run_verify(args: argparse.Namespace) -> int:
         checkpoint_file=checkpoint_file,
         from_seq=args.from_seq,
     )
+    now = datetime.now(UTC)
+    failures: list[str] = []
+    notes: list[str] = []
+    if report.first_bad_seq is not None:
+        failures.append(f"FAIL at seq {report.first_bad_seq}: {report.problem}")
+    if file_missing and report.checkpoints:
+        failures.append(
+            f"FAIL: the database holds {report.checkpoints} checkpoint(s) but the file {config.checkpoint_file} is gone"
+        )
+    elif file_missing:
+        notes.append(
+            f"no checkpoint yet ({config.checkpoint_file} does not exist): a truncated tail cannot be detected "
+            "until the first checkpoint (pdp audit checkpoint, or the server's next one)"
+        )
+    if report.triggers_missing:
+        failures.append("FAIL: the database no longer refuses changes to the audit log")
+    stale = stale_tail(report, now, max_age) if max_age is not None else ""
+    if stale:
+        failures.append(
+            f"FAIL: nothing signed vouches for {stale}: the PDP has not signed the head since (it signs about "
+            "every second while it runs; the executor's events after it stopped wait for its next start), or "
+            "someone appended behind its back. Review them; then start the PDP or run `pdp audit checkpoint`"
+        )
+    if args.json:
+        print(json.dumps(_verify_json(report, checkpoint_file, now, max_age, failures, notes), indent=2))
+        return 1 if failures else 0
     print(f"events:      {report.events} verified, head seq {report.head_seq} hash {report.head_hash[:16]}…")
     print(f"checkpoints: {report.checkpoints} checked" + (f" (incl. {checkpoint_file})" if checkpoint_file else ""))
+    print(f"unsigned:    {_tail_text(report, now)}")
     print(
         "triggers:    "
         + ("in place" if not report.triggers_missing else "MISSING " + ", ".join(report.triggers_missing))
     )
-    if report.first_bad_seq is not None:
-        print(f"FAIL at seq {report.first_bad_seq}: {report.problem}")
-        return 1
-    if file_missing and report.checkpoints:
-        print(
-            f"FAIL: the database holds {report.checkpoints} checkpoint(s) but the file {config.checkpoint_file} is gone"
-        )
-        return 1
-    if file_missing:
-        print(f"note:        no checkpoint yet ({config.checkpoint_file} does not exist): a truncated tail cannot be")
-        print("             detected until the first checkpoint (pdp audit checkpoint, or the server's next one)")
-    if report.triggers_missing:
-        print("FAIL: the database no longer refuses changes to the audit log")
+    for note in notes:
+        print(f"note:        {note}")
+    for failure in failures:
+        print(failure)
+    if failures:
         return 1
     print("ok: the audit log is intact")
     return 0
+
+
+def _tail_text(report: Report, now: datetime) -> str:
+    if report.unsigned == 0:
+        return f"none (the head, seq {report.head_seq}, is signed)" if report.head_seq else "none (no events)"
+    after = f"after seq {report.signed_seq}" if report.signed_seq else "(no valid checkpoint yet)"
+    text = f"{report.unsigned} event(s) {after}"
+    age = unsigned_age(report, now)
+    if age is not None and report.unsigned_since is not None:
+        when = timestamp(report.unsigned_since)
+        if age >= timedelta(0):
+            text += f", the oldest from {when} ({describe(age)} ago)"
+        else:
+            text += f", the oldest dated {when} ({describe(-age)} in the future)"
+    if report.undated:
+        text += ", one or more without a readable occurred_at"
+    return text
+
+
+def _verify_json(
+    report: Report,
+    checkpoint_file: Path | None,
+    now: datetime,
+    max_age: timedelta | None,
+    failures: list[str],
+    notes: list[str],
+) -> dict[str, Any]:
+    age = unsigned_age(report, now)
+    return {
+        "ok": not failures,
+        "events": report.events,
+        "head_seq": report.head_seq,
+        "head_hash": report.head_hash,
+        "checkpoints": report.checkpoints,
+        "checkpoint_file": str(checkpoint_file) if checkpoint_file else None,
+        "triggers_missing": report.triggers_missing,
+        "first_bad_seq": report.first_bad_seq,
+        "problem": report.problem or None,
+        "unsigned": {
+            "after_seq": report.signed_seq,
+            "events": report.unsigned,
+            "oldest_occurred_at": timestamp(report.unsigned_since) if report.unsigned_since else None,
+            "age_seconds": round(age.total_seconds(), 3) if age is not None else None,
+            "undated": report.undated,
+            "max_age_seconds": max_age.total_seconds() if max_age is not None else None,
+        },
+        "verified_at": timestamp(now),
+        "failures": failures,
+        "notes": notes,
+    }
 
 
 def _public_key_path(signing_key: Path) -> Path:

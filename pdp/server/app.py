@@ -118,6 +118,11 @@ async def start(config: Config) -> RunningServer:
         raise StartupError(str(exc)) from exc
     except ValueError as exc:
         raise StartupError(f"checkpoint settings must be numbers: {exc}") from exc
+    if every < 1 or not 0 < interval <= 86400:
+        raise StartupError(
+            "checkpoint_every must be at least 1 and checkpoint_interval between 0 and 86400 seconds "
+            f"(got {config.checkpoint_every!r} and {config.checkpoint_interval!r})"
+        )
     try:
         ticket_ttl = parse_duration(config.ticket_ttl)
     except ValueError as exc:
