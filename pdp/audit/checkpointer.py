@@ -61,7 +61,9 @@ class Checkpointer:
         with self._engine.connect() as conn:
             return chain.head(conn)[0]
 
-    async def checkpoint(self) -> Checkpoint | None:
+    async def checkpoint(self, seen: int = 0) -> Checkpoint | None:
+        """Sign the head; ``seen`` is a head seq read before, known signed when nothing new was (another
+        replica signed it), so an idle chain is not looked at again every second."""
         started = time.monotonic()  # the interval runs from here, so a poll every `interval` finds it due
         try:
             signed = await asyncio.wrap_future(
@@ -69,7 +71,7 @@ class Checkpointer:
             )
             if signed is not None:
                 await asyncio.to_thread(append_to_file, self._file, signed)
-                self._signed_seq = signed.seq
+            self._signed_seq = max(self._signed_seq, signed.seq if signed is not None else seen)
             self._signed_at = started
             return signed
         except Exception:  # a failed checkpoint weakens detection; it must not stop decisions
@@ -87,4 +89,4 @@ class Checkpointer:
                 continue
             due = time.monotonic() - self._signed_at >= self._interval
             if seq > self._signed_seq and (seq - self._signed_seq >= self._every or due):
-                await self.checkpoint()
+                await self.checkpoint(seen=seq)
