@@ -26,6 +26,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import ColumnElement, Connection, func, insert, select, update
 
+from executor import breakers
 from executor.config import BreakerSettings
 from pdp.audit import chain
 from pdp.audit.chain import Event
@@ -33,9 +34,8 @@ from pdp.canonical import timestamp
 from pdp.execution import tickets
 from pdp.execution.tickets import TicketRefused, VerifiedTicket
 from pdp.policy.catalog import CatalogViolation, Tool, resolve
-from pdp.policy.duration import parse_duration
 from pdp.proposals.states import ProposalState
-from pdp.store.models import audit_events, circuit_breakers, execution_tickets, executions, proposals
+from pdp.store.models import audit_events, execution_tickets, executions, proposals
 
 STARTED = "execution.started"
 RUNNING, SUCCEEDED, FAILED, UNKNOWN = "RUNNING", "SUCCEEDED", "FAILED", "UNKNOWN"
@@ -158,16 +158,15 @@ def claim(
     if not served or limit <= 0:
         return []
     chain.lock_chain(conn)
-    blocked, half_open = _breaker_states(conn, served, now)
-    tools = [name for name in served if name not in blocked]
-    if not tools:
-        return []
-    query = _PROPOSAL.where(proposals.c.state == ProposalState.APPROVED.value, proposals.c.tool.in_(tools))
+    trials = breakers.Trials.load(conn, served, now)  # half-open breakers: one trial each, then nothing more
+    query = _PROPOSAL.where(
+        proposals.c.state == ProposalState.APPROVED.value, proposals.c.tool.in_(list(served)), ~breakers.held(now)
+    )
     rows = conn.execute(query.order_by(proposals.c.updated_at).limit(limit)).all()
     actor = f"executor:{lease.worker}"
     jobs: list[Job] = []
     for row in rows:
-        if row.tool in blocked:
+        if trials.given_away(row.tool, row.agent_id):
             continue
         try:
             tool, verified = _verify(conn, row, public_key, catalog, now, first=True)
@@ -176,10 +175,8 @@ def claim(
         except TicketRefused as refused:
             _refuse(conn, row, refused, actor, now, attempt=0)
             continue
-        if tool.name in half_open:  # one trial, then nothing more for this tool until it ends
-            blocked.add(tool.name)
-            if not _take_trial(conn, tool.name, row.id, now):
-                continue
+        if not trials.take(conn, tool.name, row.agent_id, row.id, now):
+            continue
         _set_state(conn, row.id, ProposalState.EXECUTING, now)
         conn.execute(
             insert(executions).values(
@@ -256,15 +253,26 @@ def finish(
         chain.append(conn, _event("execution.late_result", row, actor, now, version, **data))
         return False
     _set_state(conn, job.proposal_id, ProposalState.SUCCEEDED if outcome.ok else ProposalState.FAILED, now)
-    circuit_event = None
+    circuit_events: list[Event] = []
     if outcome.ok or outcome.counts_for_breaker:
-        circuit_event = _record_for_breaker(conn, job, outcome.ok, now, breaker, actor)
+        circuit_events = breakers.record(
+            conn,
+            tool=job.tool.name,
+            agent_id=job.agent_id,
+            proposal_id=job.proposal_id,
+            ok=outcome.ok,
+            now=now,
+            settings=breaker,
+            actor=actor,
+        )
+    else:  # the action was rejected, which proves nothing about the target: a trial slot it held is free again
+        breakers.release_trial(conn, job.tool.name, job.proposal_id)
     if outcome.ok:
         event = _event("execution.succeeded", row, actor, now, version, attempt=job.attempt, result=outcome.result)
     else:
         event = _event("execution.failed", row, actor, now, version, attempt=job.attempt, error=outcome.error)
     chain.append(conn, event)
-    if circuit_event is not None:
+    for circuit_event in circuit_events:
         chain.append(conn, circuit_event)
     return True
 
@@ -302,7 +310,7 @@ def recover(
     for row in conn.execute(query).all():
         tool = catalog.get(row.tool)
         lapsed = {"attempt": row.attempt, "lease_expired_at": timestamp(row.lease_expires_at)}
-        _release_trial(conn, row.tool, row.id)
+        breakers.release_trial(conn, row.tool, row.id)
         if tool is None or not tool.idempotent:
             error = "the executor stopped during the call; whether it took effect is unknown: a human must reconcile"
             _finish_row(conn, row.id, UNKNOWN, error, now)
@@ -359,77 +367,3 @@ def _finish_row(conn: Connection, proposal_id: str, status: str, error: str, now
         .where(executions.c.proposal_id == proposal_id)
         .values(status=status, error=error, finished_at=now, worker=None, lease_expires_at=None)
     ).rowcount
-
-
-# --- circuit breakers (see pdp/execution/circuits.py for the states) ----------------------------------
-
-
-def _breaker_states(conn: Connection, served: Mapping[str, Tool], now: datetime) -> tuple[set[str], set[str]]:
-    """(tools not to claim now: open, or half-open with the trial running; half-open tools awaiting a trial)."""
-    rows = conn.execute(
-        select(circuit_breakers.c.tool, circuit_breakers.c.opened_until, circuit_breakers.c.trial_proposal_id).where(
-            circuit_breakers.c.tool.in_(list(served)), circuit_breakers.c.opened_until.is_not(None)
-        )
-    ).all()
-    blocked = {r.tool for r in rows if r.opened_until > now or r.trial_proposal_id is not None}
-    return blocked, {r.tool for r in rows} - blocked
-
-
-def _take_trial(conn: Connection, tool: str, proposal_id: str, now: datetime) -> bool:
-    taken = conn.execute(
-        update(circuit_breakers)
-        .where(circuit_breakers.c.tool == tool, circuit_breakers.c.trial_proposal_id.is_(None))
-        .values(trial_proposal_id=proposal_id, updated_at=now)
-    )
-    return taken.rowcount == 1
-
-
-def _release_trial(conn: Connection, tool: str, proposal_id: str) -> None:
-    """A trial whose worker died proves nothing: free the slot for another trial."""
-    conn.execute(
-        update(circuit_breakers)
-        .where(circuit_breakers.c.tool == tool, circuit_breakers.c.trial_proposal_id == proposal_id)
-        .values(trial_proposal_id=None)
-    )
-
-
-def _record_for_breaker(
-    conn: Connection, job: Job, ok: bool, now: datetime, settings: BreakerSettings, actor: str
-) -> Event | None:
-    """Count the outcome; the event to append when the breaker opened or closed.
-
-    While the breaker is open or half-open only its trial decides: executions that were already running
-    when it opened (stragglers) neither close it nor keep pushing its cool-down out.
-    """
-    tool = job.tool.name
-    row = conn.execute(select(circuit_breakers).where(circuit_breakers.c.tool == tool)).first()
-    is_open = row is not None and row.opened_until is not None
-    is_trial = row is not None and row.trial_proposal_id == job.proposal_id
-    this = circuit_breakers.c.tool == tool
-    if ok:
-        if row is None or (is_open and not is_trial) or (not is_open and row.consecutive_failures == 0):
-            return None
-        conn.execute(
-            update(circuit_breakers)
-            .where(this)
-            .values(consecutive_failures=0, opened_until=None, trial_proposal_id=None, updated_at=now)
-        )
-        if not is_open:
-            return None
-        return Event("circuit.closed", actor, now, data={"tool": tool, "trial_proposal_id": job.proposal_id})
-    failures = (row.consecutive_failures if row is not None else 0) + 1
-    if is_open and not is_trial:  # a straggler: counted, nothing more
-        conn.execute(update(circuit_breakers).where(this).values(consecutive_failures=failures, updated_at=now))
-        return None
-    opens = is_trial or failures >= settings.failures
-    until = now + parse_duration(settings.cooldown) if opens else None
-    values = {"consecutive_failures": failures, "opened_until": until, "trial_proposal_id": None, "updated_at": now}
-    if row is None:
-        conn.execute(insert(circuit_breakers).values(tool=tool, **values))
-    else:
-        conn.execute(update(circuit_breakers).where(this).values(**values))
-    if until is None:
-        return None
-    return Event(
-        "circuit.opened", actor, now, data={"tool": tool, "consecutive_failures": failures, "until": timestamp(until)}
-    )

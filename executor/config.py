@@ -39,6 +39,9 @@ class BreakerSettings(BaseModel):
 
     failures: int = Field(default=5, ge=1, le=1000)  # consecutive execution failures that open it
     cooldown: DurationText = "30s"  # how long it stays open before one trial
+    # Distinct agents whose failures it takes to open the tool-wide breaker; below that, an agent's own
+    # breaker stops that agent alone (executor/breakers.py). 1: any agent's failures, no per-agent breakers.
+    min_agents: int = Field(default=2, ge=1, le=100)
 
 
 class FileConfig(BaseModel):

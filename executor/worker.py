@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Connection, Engine, exists, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from executor import claims
+from executor import breakers, claims
 from executor.claims import Job, Lease, Outcome
 from executor.config import Settings
 from executor.connectors.base import Call, Connector, ConnectorError, ConnectorRejected, ConnectorTimeout
@@ -139,9 +139,14 @@ class Executor:
         """Run ``work`` in a committed transaction; concurrent callers share one commit (group commit)."""
         return self._writes.submit(work).result()
 
-    def _work_waiting(self) -> bool:
+    def _work_waiting(self, now: datetime) -> bool:
+        """Approved work no breaker holds back: the claim takes the write lock only for that."""
         query = select(
-            exists().where(proposals.c.state == ProposalState.APPROVED.value, proposals.c.tool.in_(list(self._served)))
+            exists().where(
+                proposals.c.state == ProposalState.APPROVED.value,
+                proposals.c.tool.in_(list(self._served)),
+                ~breakers.held(now),
+            )
         )
         with self._reader.connect() as conn:
             return bool(conn.execute(query).scalar())
@@ -162,7 +167,7 @@ class Executor:
                     if self._abandoned_waiting(now):
                         jobs += self._transaction(self._recover)
                 free = self._settings.concurrency - self.busy() - len(jobs)
-                if free > 0 and self._served and self._work_waiting():
+                if free > 0 and self._served and self._work_waiting(now):
                     jobs += self._transaction(functools.partial(self._claim, limit=free))
             except Exception:  # the loop must outlive any one bad poll (database down, a bug)
                 log.exception("error in the claim loop; retrying in 1 s")

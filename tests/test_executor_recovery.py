@@ -1,4 +1,4 @@
-"""At most once across crashes, and the per-tool circuit breaker.
+"""At most once across crashes, and the circuit breakers (tool-wide and per agent).
 
 `kill -9` of the executor mid-call: a tool that is not idempotent ends UNKNOWN and never runs twice;
 an idempotent one is retried after its lease lapses, with the same idempotency key.
@@ -18,10 +18,11 @@ from conftest import signing_key
 from execution import ExecutorProcess, Stack, execution_stack, running_executor
 from sqlalchemy import select
 
-from executor import claims
+from executor import breakers, claims
 from executor.config import BreakerSettings
 from executor.worker import MAX_RESULT_BYTES, bounded
 from pdp.audit.keys import load_public, public_path
+from pdp.observability.collectors import ExecutorState
 from pdp.policy.loader import load_bundle
 from pdp.store.models import audit_events, circuit_breakers, executions
 from pdp.v1 import pdp_pb2
@@ -117,22 +118,40 @@ def test_an_idempotent_tool_gives_up_after_max_attempts(setup: Setup) -> None:
 # --- circuit breaker -------------------------------------------------------------------------------
 
 
-def _breaker(setup: Setup, tool: str = "web") -> dict[str, object] | None:
+def _breaker(setup: Setup, tool: str = "web", agent_id: str = "") -> dict[str, object] | None:
+    """The tool-wide breaker's row, or with ``agent_id`` that agent's own."""
     with setup.engine.connect() as conn:
-        row = conn.execute(select(circuit_breakers).where(circuit_breakers.c.tool == tool)).mappings().first()
+        row = (
+            conn.execute(
+                select(circuit_breakers).where(circuit_breakers.c.tool == tool, circuit_breakers.c.agent_id == agent_id)
+            )
+            .mappings()
+            .first()
+        )
         return dict(row) if row is not None else None
 
 
-def test_the_breaker_opens_denies_with_retry_after_and_recovers(setup: Setup) -> None:
+def _circuit_events(setup: Setup) -> list[tuple[str, dict[str, Any]]]:
+    with setup.engine.connect() as conn:
+        rows = conn.execute(
+            select(audit_events.c.type, audit_events.c.body)
+            .where(audit_events.c.type.like("circuit.%"))
+            .order_by(audit_events.c.seq)
+        ).all()
+    return [(row.type, json.loads(row.body)["data"]) for row in rows]
+
+
+def test_a_target_failing_for_several_agents_opens_the_tool_for_everyone_and_recovers(setup: Setup) -> None:
     config = setup.config(breaker={"failures": 2, "cooldown": "2s"})
+    failing = [setup.server.agent_client() for _ in range(2)]
     with running_executor(config):
-        for _ in range(2):
-            pid = setup.client.propose("web", "POST", setup.target.url + "fail", "t").proposal_id
-            assert setup.client.wait(pid, timeout=30).state == pdp_pb2.FAILED
+        for _, client in failing:
+            pid = client.propose("web", "POST", setup.target.url + "fail", "t").proposal_id
+            assert client.wait(pid, timeout=30).state == pdp_pb2.FAILED
         breaker = _breaker(setup)
         assert breaker is not None and breaker["opened_until"] is not None
 
-        def denied() -> bool:
+        def denied() -> bool:  # setup.client's agent never failed: the tool is denied to everyone
             decision = setup.client.evaluate("web", "POST", setup.target.url + "items", "t")
             return decision.outcome == pdp_pb2.DENY
 
@@ -151,18 +170,15 @@ def test_the_breaker_opens_denies_with_retry_after_and_recovers(setup: Setup) ->
         assert setup.client.wait(trial, timeout=30).state == pdp_pb2.SUCCEEDED
     breaker = _breaker(setup)
     assert breaker is not None and breaker["opened_until"] is None and breaker["consecutive_failures"] == 0
-    with setup.engine.connect() as conn:
-        bodies = conn.execute(
-            select(audit_events.c.type, audit_events.c.body)
-            .where(audit_events.c.type.like("circuit.%"))
-            .order_by(audit_events.c.seq)
-        ).all()
-    assert [b.type for b in bodies] == ["circuit.opened", "circuit.closed"]
-    assert json.loads(bodies[1].body)["data"]["trial_proposal_id"] == trial
+    events = _circuit_events(setup)
+    assert [kind for kind, _ in events] == ["circuit.opened", "circuit.closed"]
+    assert events[0][1]["scope"] == "tool" and events[0][1]["agents"] == sorted(agent.id for agent, _ in failing)
+    assert events[1][1] == {"tool": "web", "scope": "tool", "trial_proposal_id": trial}
 
 
 def test_a_failed_trial_reopens_the_breaker(setup: Setup) -> None:
-    config = setup.config(breaker={"failures": 1, "cooldown": "1s"})
+    """min_agents: 1 is the one breaker per tool of before: one agent's failures open it for everyone."""
+    config = setup.config(breaker={"failures": 1, "cooldown": "1s", "min_agents": 1})
     with running_executor(config):
         pid = setup.client.propose("web", "POST", setup.target.url + "fail", "t").proposal_id
         assert setup.client.wait(pid, timeout=30).state == pdp_pb2.FAILED
@@ -178,45 +194,126 @@ def test_a_failed_trial_reopens_the_breaker(setup: Setup) -> None:
 
 
 def test_an_agents_bad_input_fails_the_execution_but_not_the_tool(setup: Setup) -> None:
-    """A refused action (bad params, HTTP 4xx) is not the target failing: one agent cannot open the breaker."""
+    """A refused action (bad params, HTTP 4xx) is not the target failing: it counts against no breaker at all."""
     with running_executor(setup.config(breaker={"failures": 1, "cooldown": "1h"})):
         bad = setup.client.propose(
             "crm", "select", "sql://crm/contacts", "t", params={"where": {"nope": 1}}
         ).proposal_id
         final = setup.client.wait(bad, timeout=30)
         assert final.state == pdp_pb2.FAILED and "has no column 'nope'" in final.execution.error
-        assert _breaker(setup, "crm") is None
-        # A failure of the target itself does count (and with failures: 1, opens it).
+        with setup.engine.connect() as conn:
+            assert conn.execute(select(circuit_breakers).where(circuit_breakers.c.tool == "crm")).first() is None
+        # A failure of the target itself does count (and with failures: 1, opens the agent's own breaker).
         broken = setup.client.propose("web", "POST", setup.target.url + "fail", "t").proposal_id
         assert setup.client.wait(broken, timeout=30).state == pdp_pb2.FAILED
-    opened = _breaker(setup)
+    agent_id = str(setup.client.get(broken).agent_id)
+    opened = _breaker(setup, agent_id=agent_id)
     assert opened is not None and opened["opened_until"] is not None
 
 
-def _job(setup: Setup, pid: str) -> claims.Job:
-    tool = load_bundle(setup.bundle).tools["web"]
-    return claims.Job(pid, "agent", tool, {}, 1, "v")
+def test_a_trial_whose_action_is_rejected_frees_the_trial_for_another(setup: Setup) -> None:
+    """A rejected action proves nothing about the target: had it kept the trial slot, the tool stayed shut."""
+    config = setup.config(breaker={"failures": 2, "cooldown": "1s"})
+    failing = [setup.server.agent_client()[1] for _ in range(2)]
+    with running_executor(config):
+        for client in failing:
+            pid = client.propose("web", "POST", setup.target.url + "fail", "t").proposal_id
+            assert client.wait(pid, timeout=30).state == pdp_pb2.FAILED
+        assert _breaker(setup) is not None and _breaker(setup)["opened_until"] is not None  # type: ignore[index]
+        setup.target.fail_status = 404  # from now on /api/fail refuses the request instead of breaking
+
+        def half_open() -> bool:
+            return setup.client.evaluate("web", "POST", setup.target.url + "items", "t").outcome == pdp_pb2.ALLOW
+
+        wait_for(half_open, "the cool-down to end", timeout=10)
+        rejected = setup.client.propose("web", "POST", setup.target.url + "fail", "t").proposal_id
+        assert setup.client.wait(rejected, timeout=30).state == pdp_pb2.FAILED
+        trial = setup.client.propose("web", "POST", setup.target.url + "items", "t").proposal_id
+        assert setup.client.wait(trial, timeout=30).state == pdp_pb2.SUCCEEDED
+    assert _breaker(setup)["opened_until"] is None  # type: ignore[index]
+    assert [kind for kind, _ in _circuit_events(setup)] == ["circuit.opened", "circuit.closed"]
 
 
-def test_stragglers_neither_close_the_breaker_nor_keep_it_open(setup: Setup) -> None:
-    """Executions already running when the breaker opened: only the half-open trial decides."""
-    settings = BreakerSettings(failures=1, cooldown="1h")
+def _record(setup: Setup, settings: BreakerSettings, when: datetime, pid: str, ok: bool, agent: str = "a") -> list[str]:
+    """Count one outcome of ``agent``'s execution ``pid`` of web; the breaker events, as "type scope"."""
+    with setup.engine.begin() as conn:
+        events = breakers.record(
+            conn, tool="web", agent_id=agent, proposal_id=pid, ok=ok, now=when, settings=settings, actor="t"
+        )
+    return [f"{event.type} {event.data['scope']}" for event in events]
+
+
+def _take_trial(setup: Setup, pid: str, agent: str = "a") -> bool:
+    """After every cool-down: make ``agent``'s proposal ``pid`` the trial of each half-open breaker it must pass."""
+    with setup.engine.begin() as conn:
+        now = datetime.now(UTC) + timedelta(hours=2)
+        return breakers.Trials.load(conn, ["web"], now).take(conn, "web", agent, pid, now)
+
+
+@pytest.mark.parametrize("scope", ["tool", "agent"])
+def test_stragglers_neither_close_the_breaker_nor_keep_it_open(setup: Setup, scope: str) -> None:
+    """Executions already running when a breaker opened: only the half-open trial decides (either scope)."""
+    settings = BreakerSettings(failures=1, cooldown="1h", min_agents=1 if scope == "tool" else 2)
+    agent_id = "" if scope == "tool" else "a"
     now = datetime.now(UTC)
-    with setup.engine.begin() as conn:
-        assert claims._record_for_breaker(conn, _job(setup, "p1"), False, now, settings, "t") is not None  # opens
-    first = _breaker(setup)
+    assert _record(setup, settings, now, "p1", False) == [f"circuit.opened {scope}"]
+    first = _breaker(setup, agent_id=agent_id)
     assert first is not None
-    with setup.engine.begin() as conn:
-        later = now + timedelta(seconds=5)
-        assert claims._record_for_breaker(conn, _job(setup, "p2"), False, later, settings, "t") is None
-        assert claims._record_for_breaker(conn, _job(setup, "p3"), True, later, settings, "t") is None
-    still = _breaker(setup)
+    later = now + timedelta(seconds=5)
+    assert _record(setup, settings, later, "p2", False) == []
+    assert _record(setup, settings, later, "p3", True) == []
+    still = _breaker(setup, agent_id=agent_id)
     assert still is not None and still["opened_until"] == first["opened_until"]  # not pushed out, not closed
-    with setup.engine.begin() as conn:
-        assert claims._take_trial(conn, "web", "p4", now)
-        closed = claims._record_for_breaker(conn, _job(setup, "p4"), True, now, settings, "t")
-    assert closed is not None and closed.type == "circuit.closed"
-    assert _breaker(setup) is not None and _breaker(setup)["opened_until"] is None  # type: ignore[index]
+    assert _take_trial(setup, "p4")
+    assert _record(setup, settings, later, "p4", True) == [f"circuit.closed {scope}"]
+    assert _breaker(setup, agent_id=agent_id)["opened_until"] is None  # type: ignore[index]
+
+
+def test_one_agents_failures_open_its_own_breaker_and_only_that(setup: Setup) -> None:
+    settings = BreakerSettings(failures=3, cooldown="1h")
+    now = datetime.now(UTC)
+    assert [_record(setup, settings, now, f"p{i}", False) for i in range(3)] == [[], [], ["circuit.opened agent"]]
+    assert _breaker(setup)["opened_until"] is None  # type: ignore[index]
+    assert _breaker(setup, agent_id="a")["opened_until"] is not None  # type: ignore[index]
+    gauges = {
+        (sample.name, sample.labels["tool"]): sample.value
+        for family in ExecutorState(setup.engine, busy=lambda: 0, clock=lambda: now).collect()
+        for sample in family.samples
+        if "tool" in sample.labels
+    }
+    assert gauges == {("pdp_circuit_breaker_open", "web"): 0, ("pdp_circuit_breaker_agents_open", "web"): 1}
+    # Its trial, after the cool-down: another agent's proposal needs none and does not take it.
+    assert _take_trial(setup, "q1", agent="b")
+    assert _breaker(setup, agent_id="a")["trial_proposal_id"] is None  # type: ignore[index]
+    assert _take_trial(setup, "q2", agent="a")
+    assert _breaker(setup, agent_id="a")["trial_proposal_id"] == "q2"  # type: ignore[index]
+    assert _record(setup, settings, now, "q2", False) == ["circuit.opened agent"]  # failed: open again
+
+
+def test_the_tool_wide_breaker_needs_min_agents_each_with_a_share(setup: Setup) -> None:
+    """failures 4, min_agents 2: no agent counts for more than 2, so one agent and another's blip do not open it."""
+    settings = BreakerSettings(failures=4, cooldown="1h")
+    now = datetime.now(UTC)
+    for i in range(3):
+        assert _record(setup, settings, now, f"a{i}", False, agent="a") == []
+    assert _record(setup, settings, now, "b0", False, agent="b") == []  # a counts 2 of its 3, b 1: 3 of 4
+    assert _record(setup, settings, now, "b1", False, agent="b") == ["circuit.opened tool"]
+
+
+def test_one_agent_succeeding_does_not_end_the_streak_but_two_do(setup: Setup) -> None:
+    settings = BreakerSettings(failures=2, cooldown="1h")
+    now = datetime.now(UTC)
+    assert _record(setup, settings, now, "a0", False, agent="a") == []
+    for i in range(3):
+        assert _record(setup, settings, now, f"l{i}", True, agent="lucky") == []
+    assert _breaker(setup)["consecutive_failures"] == 1  # type: ignore[index]
+    assert _record(setup, settings, now, "c0", True, agent="c") == []  # a second agent succeeded: the streak ends
+    assert _breaker(setup)["consecutive_failures"] == 0  # type: ignore[index]
+    assert _record(setup, settings, now, "b0", False, agent="b") == []  # a's failure is no longer in the streak
+    # An agent's own success takes its own failures out of the streak.
+    assert _record(setup, settings, now, "b1", True, agent="b") == []
+    assert _record(setup, settings, now, "e0", False, agent="e") == []
+    assert _record(setup, settings, now, "d0", False, agent="d") == ["circuit.opened tool"]
 
 
 def test_a_worker_finishing_after_recovery_took_over_is_kept_as_late_result(setup: Setup) -> None:

@@ -16,8 +16,9 @@ Execution (recorded by the executor; ``data`` always has ``tool``, ``resource`` 
     execution.retrying      a worker died mid-call on an idempotent tool: it runs again after ``backoff_seconds``
     execution.refused       the ticket did not permit execution (``reason``: ticket.bad_signature, …); nothing ran
     execution.late_result   a worker finished after its lease lapsed; the result is kept here for reconciliation
-    circuit.opened          a tool's breaker opened after consecutive failures (``until``)
-    circuit.closed          a trial execution succeeded and closed the breaker
+    circuit.opened          a breaker opened after failures, or after its trial failed (``until``); ``scope``:
+                            ``tool`` (every agent), or ``agent`` (``agent_id``: that agent's own, for that tool)
+    circuit.closed          a trial execution succeeded and closed the breaker (``scope`` as above)
 
 Policy hot reload (recorded by ``pdp serve``; actor ``pdp``; ``data.reason`` is what triggered it, "watch" or
 "sighup"; ``data.bundle_dir`` is the directory reloaded):

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, func, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from pdp.policy.bundle import ActiveBundle
@@ -29,17 +29,33 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def _breakers(conn: Connection, now: datetime) -> GaugeMetricFamily:
-    gauge = GaugeMetricFamily(
+def _breakers(conn: Connection, now: datetime) -> list[GaugeMetricFamily]:
+    """The tool-wide breakers, and per tool how many agents their own breaker denies it (no agent ids in labels)."""
+    tool_wide = GaugeMetricFamily(
         "pdp_circuit_breaker_open", "1 while the tool's circuit breaker is open (executions failing)", labels=["tool"]
     )
-    for tool, opened_until in conn.execute(select(circuit_breakers.c.tool, circuit_breakers.c.opened_until)):
-        gauge.add_metric([tool], 1.0 if opened_until is not None and opened_until > now else 0.0)
-    return gauge
+    agents = GaugeMetricFamily(
+        "pdp_circuit_breaker_agents_open", "Agents that their own circuit breaker denies the tool", labels=["tool"]
+    )
+    cb = circuit_breakers.c
+    rows = conn.execute(
+        select(cb.tool, cb.agent_id, cb.opened_until).where(or_(cb.agent_id == "", cb.opened_until.is_not(None)))
+    ).all()
+    denied: dict[str, int] = {}
+    for tool, agent_id, opened_until in rows:
+        is_open = opened_until is not None and opened_until > now
+        if agent_id == "":
+            tool_wide.add_metric([tool], 1.0 if is_open else 0.0)
+            denied.setdefault(tool, 0)
+        else:
+            denied[tool] = denied.get(tool, 0) + is_open
+    for tool, count in sorted(denied.items()):
+        agents.add_metric([tool], float(count))
+    return [tool_wide, agents]
 
 
 class PdpState(Collector):
-    """pdp_policy_info, pdp_pending_approvals, pdp_quarantined_agents and pdp_circuit_breaker_open of one server."""
+    """pdp_policy_info, pdp_pending_approvals, pdp_quarantined_agents and the breaker gauges of one server."""
 
     def __init__(self, engine: Engine, bundles: ActiveBundle, clock: Clock = _utc_now) -> None:
         self._engine = engine
@@ -73,14 +89,14 @@ class PdpState(Collector):
             log.warning("metrics: cannot read pending approvals, breakers and quarantines", exc_info=True)
         else:
             yield GaugeMetricFamily("pdp_pending_approvals", "Proposals waiting for approval", value=float(pending))
-            yield breakers
+            yield from breakers
             yield GaugeMetricFamily(
                 "pdp_quarantined_agents", "Agents quarantined by a retry-storm limit", value=float(quarantined)
             )
 
 
 class ExecutorState(Collector):
-    """pdp_executor_inflight and pdp_circuit_breaker_open, as one executor sees them."""
+    """pdp_executor_inflight and the breaker gauges, as one executor sees them."""
 
     def __init__(self, engine: Engine, busy: Callable[[], int], clock: Clock = _utc_now) -> None:
         self._engine = engine
@@ -98,4 +114,4 @@ class ExecutorState(Collector):
         except SQLAlchemyError:
             log.warning("metrics: cannot read circuit breakers", exc_info=True)
         else:
-            yield breakers
+            yield from breakers

@@ -86,7 +86,8 @@ class ProposalService:
         decision = decide(bundle, request)
         if self._circuits is not None:
             tool = request.action.tool
-            decision = deny_if_open(decision, tool, self._circuits.opened_until(tool), request.now)
+            breaker = self._circuits.breaker(tool, request.agent.id)
+            decision = deny_if_open(decision, tool, breaker, request.now)
         return decision
 
     def evaluate(self, caller: Caller, proposal: ProposalInput) -> Decision:

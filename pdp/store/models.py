@@ -8,6 +8,7 @@ from typing import Any, cast
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -18,6 +19,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
     func,
 )
 from sqlalchemy.dialects import postgresql
@@ -196,16 +198,27 @@ class Execution(Base):
 
 
 class CircuitBreaker(Base):
-    """Per-tool breaker shared by every executor and PDP replica (DESIGN §6)."""
+    """Circuit breakers shared by every executor and PDP replica (DESIGN §6; the rules: executor/breakers.py).
+
+    ``agent_id = ''`` is the tool-wide breaker, which denies the tool to every agent. A row with an agent is
+    that agent's own breaker on the tool, which denies it to that agent alone, and the agent's part in the
+    tool's current failure streak.
+    """
 
     __tablename__ = "circuit_breakers"
 
     tool: Mapped[str] = mapped_column(String(200), primary_key=True)
+    agent_id: Mapped[str] = mapped_column(String(200), primary_key=True, server_default="")
+    # Tool-wide: the failures of its current streak. An agent's: that agent's own consecutive failures.
     consecutive_failures: Mapped[int] = mapped_column(Integer)
-    # Set while open; the PDP denies the tool until then. Past it, the breaker is half-open.
+    # Set while open; the PDP denies the tool (to the row's agent) until then. Past it, it is half-open.
     opened_until: Mapped[datetime | None]
     # The one execution allowed through while half-open.
     trial_proposal_id: Mapped[str | None] = mapped_column(String(36))
+    # Agent rows only: the agent's failures in the tool's current streak, and whether it succeeded since the
+    # streak began.
+    streak_failures: Mapped[int] = mapped_column(Integer, server_default="0")
+    streak_succeeded: Mapped[bool] = mapped_column(Boolean, server_default=false())
     updated_at: Mapped[datetime]
 
 
