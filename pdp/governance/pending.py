@@ -3,7 +3,7 @@
 Approvers' attention is the scarce resource, and every pending proposal (params up to 64 KiB each) waits in
 the database and in approvers' lists until someone decides it or it expires. Without a cap, one agent can
 queue tens of thousands. So a proposal that would become pending while its agent already has the maximum
-pending is **recorded and denied** (reason ``limit.max_pending_per_agent``, ``retry_after_seconds`` = until the
+pending is **recorded and denied** (reason ``limit:max_pending_per_agent``, ``retry_after_seconds`` = until the
 agent's earliest pending proposal expires), like any governance limit (DESIGN §4 point 4, §8): a deny is an
 answer the agent can read, and auditors see the attempt. Counted exactly inside the recording transaction,
 after the audit chain's lock, so replicas cannot both admit the last slot.
@@ -47,7 +47,7 @@ def cap_pending(conn: Connection, agent_id: str, now: datetime, governed: Govern
     earliest: datetime | None = conn.execute(_EARLIEST, params).scalar()
     retry = max(1, math.ceil((earliest - now).total_seconds())) if earliest is not None else 60
     reason = Reason(
-        f"limit.{LIMIT_ID}",
+        f"limit:{LIMIT_ID}",
         Outcome.DENY,
         f"agent {agent_id} already has {pending} proposals pending approval, the most one agent may have "
         f"({LIMIT_ID} = {max_pending}); propose again once some are decided, expire or are cancelled",

@@ -104,12 +104,14 @@ def revoke_agent(engine: Engine, agent_id: str, actor: str = "operator", now: da
     now = now or datetime.now(UTC)
     with engine.begin() as conn:
         chain.lock_chain(conn)
-        row = conn.execute(select(agents.c.revoked_at).where(agents.c.id == agent_id)).first()
-        if row is None:
+        # A write first: on SQLite it takes the write lock before any read, so no snapshot goes stale.
+        newly = conn.execute(
+            update(agents).where(agents.c.id == agent_id, agents.c.revoked_at.is_(None)).values(revoked_at=now)
+        ).rowcount
+        since: datetime | None = conn.execute(select(agents.c.revoked_at).where(agents.c.id == agent_id)).scalar()
+        if since is None:
             raise NotFound(f"agent {agent_id!r} does not exist")
-        revoked_at: datetime = row.revoked_at or now
-        if row.revoked_at is None:
-            conn.execute(update(agents).where(agents.c.id == agent_id).values(revoked_at=now))
+        if newly:
             chain.append(conn, events.agent_revoked(agent_id, actor, now))
         stopped = conn.execute(
             select(proposals.c.id, proposals.c.state, proposals.c.policy_version)
@@ -137,7 +139,7 @@ def revoke_agent(engine: Engine, agent_id: str, actor: str = "operator", now: da
                     reason=REVOKED_REASON,
                 ),
             )
-    return Revocation(agent_id, revoked_at, row.revoked_at is None, tuple(p.id for p in stopped))
+    return Revocation(agent_id, since, bool(newly), tuple(p.id for p in stopped))
 
 
 def revoked_at(conn: Connection, agent_id: str) -> datetime | None:

@@ -71,13 +71,18 @@ def check_group(value: str) -> str:
     return value
 
 
+# Reorder what a reader sees: never part of a display name. (Other format characters, such as the zero-width
+# non-joiner some scripts need, are allowed; pages and the CLI show them visibly.)
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def check_display_name(value: str) -> str:
-    """A free-text display name: at most 200 characters, none of them a control or format character."""
+    """A free-text display name: at most 200 characters, no control, separator or bidi control character."""
     if len(value) > MAX_ID:
         raise InvalidArgument("name", f"is longer than {MAX_ID} characters")
-    bad = next((c for c in value if unicodedata.category(c) in (*_INVISIBLE, "Zl", "Zp")), None)
+    bad = next((c for c in value if c in _BIDI or unicodedata.category(c) in ("Cc", "Cn", "Cs", "Zl", "Zp")), None)
     if bad is not None:
-        raise InvalidArgument("name", f"contains the invisible or control character U+{ord(bad):04X}")
+        raise InvalidArgument("name", f"contains the control or bidi character U+{ord(bad):04X}")
     return value
 
 

@@ -89,7 +89,7 @@ def test_an_agent_cannot_hold_more_pending_proposals_than_the_cap(world: World) 
     assert [r.state for r in held] == [pdp_pb2.PENDING_APPROVAL] * CAP
     over = bulk_close(flooder, CAP)
     assert over.state == pdp_pb2.DENIED, over
-    assert over.decision.reasons[0].rule_id == "limit.max_pending_per_agent"
+    assert over.decision.reasons[0].rule_id == "limit:max_pending_per_agent"
     assert f"= {CAP}" in over.decision.reasons[0].message
     assert over.decision.retry_after_seconds > 0
     assert not over.decision.approval_requirements
