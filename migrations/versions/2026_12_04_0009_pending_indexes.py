@@ -5,7 +5,7 @@ both indexes stay as small as what is waiting for humans. Queries name the state
 (pdp/governance/pending.py, pdp/approvals/listing.py), which is what lets SQLite and PostgreSQL use them.
 
 Revision ID: 0009
-Revises: 0005
+Revises: 0008
 Create Date: 2026-12-04
 """
 
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0009"
-down_revision: str | None = "0005"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
