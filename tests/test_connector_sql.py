@@ -323,7 +323,7 @@ def test_the_tables_allow_list_limits_the_tables_a_database_serves(db: Db) -> No
     made = SqlConnector(section(tables={"crm": ["contacts"]}), ConnectorContext(CRM, db.directory, {}))
     try:
         assert made.execute(call("select", {"where": {"id": 1}, "columns": ["id"]}))["rows"] == [{"id": 1}]
-        with pytest.raises(ConnectorError, match="'accounts' is not in tables.crm"):
+        with pytest.raises(ConnectorError, match=r"'accounts' is not in tables\.crm"):
             made.execute(call("select", {}, resource="sql://crm/accounts"))
     finally:
         made.close()

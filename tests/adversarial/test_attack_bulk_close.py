@@ -43,7 +43,10 @@ def attack_cases() -> dict[str, object]:
                 "action": {"tool": "tickets", "operation": "POST", "resource": BULK_CLOSE, "params": params},
             },
             # A count that is not a number errors in the rule, which denies: also no unapproved close.
-            "expect": {"outcome": "deny" if name == "count as a string" else "needs_approval", "rules": ["tickets-bulk"]},
+            "expect": {
+                "outcome": "deny" if name == "count as a string" else "needs_approval",
+                "rules": ["tickets-bulk"],
+            },
         }
         for name, params in ATTACKS.items()
     ]
@@ -55,7 +58,12 @@ def test_pdp_policy_test_shows_every_bulk_close_needs_approval(tmp_path: Path) -
     shutil.copytree(POLICIES, bundle, ignore=shutil.ignore_patterns(".git"))
     (bundle / "tests" / "attack_bulk_close.yaml").write_text(yaml.safe_dump(attack_cases(), sort_keys=False))
     done = subprocess.run(
-        [PDP, "policy", "test", str(bundle)], capture_output=True, text=True, env=pdp_env(tmp_path), timeout=120
+        [PDP, "policy", "test", str(bundle)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=pdp_env(tmp_path),
+        timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     for name in ATTACKS:

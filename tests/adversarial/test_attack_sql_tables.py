@@ -33,6 +33,12 @@ DENY_ACCOUNTS = {
     "when": 'action.resource == "sql://crm/accounts"',
 }
 
+OPERATIONS: list[tuple[str, dict[str, object]]] = [
+    ("select", {}),
+    ("update", {"values": {"name": "pwned"}, "where": {"id": 1}}),
+    ("delete", {"where": {"id": 2}}),
+]
+
 # Wrong case, system catalogs of both databases (whatever the case), schema-qualified and quoted names.
 ATTACKS = [
     "ACCOUNTS",
@@ -89,9 +95,7 @@ def make_crm(backend: str, url: str) -> Crm:
         with engine.begin() as conn:
             conn.execute(text(f"CREATE TABLE accounts (id {key}, name TEXT NOT NULL, secret TEXT NOT NULL)"))
             conn.execute(text("CREATE TABLE contacts (id INTEGER PRIMARY KEY, name TEXT NOT NULL)"))
-            conn.execute(
-                text("INSERT INTO accounts (name, secret) VALUES ('acme', :m), ('globex', :m)"), {"m": marker}
-            )
+            conn.execute(text("INSERT INTO accounts (name, secret) VALUES ('acme', :m), ('globex', :m)"), {"m": marker})
             conn.execute(text("INSERT INTO contacts (id, name) VALUES (1, 'Ada')"))
             conn.execute(text("ANALYZE"))  # SQLite: creates sqlite_stat1 too
     finally:
@@ -139,11 +143,7 @@ def test_wrong_case_system_and_qualified_tables_are_refused_and_nothing_is_read(
 
         for name in ATTACKS:
             resource = f"sql://crm/{name}"
-            for operation, params in (
-                ("select", {}),
-                ("update", {"values": {"name": "pwned"}, "where": {"id": 1}}),
-                ("delete", {"where": {"id": 2}}),
-            ):
+            for operation, params in OPERATIONS:
                 final = run(stack, operation, resource, params)
                 where = f"{operation} {resource}"
                 assert final.state in (pdp_pb2.DENIED, pdp_pb2.FAILED), (where, final)
