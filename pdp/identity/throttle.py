@@ -2,18 +2,20 @@
 
 Every request with a token its door has not cached as good comes here before the database does:
 
-- **Per-peer pacing.** Each peer (an IP address; an IPv6 /64, which one host usually holds whole) may fail
-  ``burst`` lookups at once, then one per ``1 / rate`` seconds (a GCRA leaky bucket). A lookup beyond that
-  *waits* its turn; one whose turn is more than ``max_wait`` away waits ``max_wait`` and is refused without a
-  lookup (:class:`ResourceExhausted`, retryable). Waiting rather than refusing at once is the point: a client
-  that floods in a closed loop is slowed to its own concurrency per ``max_wait``, so the flood's rate, and the
-  CPU every request costs the process before any token is checked, stay small. A token that authenticates
-  gives its turn back, so an agent's first call counts only while its peer is over budget.
+- **Per-peer failure budget.** Each peer (an IP address; an IPv6 /64, which one host usually holds whole) may
+  fail ``burst`` authentications at once, then one per ``1 / rate`` seconds (a GCRA leaky bucket that only
+  failures fill). While its peer is over budget a request *waits* for the budget to allow it; one still not
+  allowed after ``max_wait`` is refused without a lookup (:class:`ResourceExhausted`, retryable). Waiting
+  rather than refusing at once is the point: a client that floods in a closed loop is slowed to about its own
+  concurrency per ``max_wait``, so the flood's rate, and the CPU each request costs the process before any
+  token is checked, stay small. Tokens that prove good never fill the budget: a peer that does not fail is
+  never held up, however many agents it serves.
 - **Negative cache.** The digests of tokens that failed are remembered (bounded, for ``negative_ttl``): a
   token unknown now never becomes valid (tokens are random and stored with their row) and a revoked one is
-  never restored, so repeating one costs no query.
+  never restored, so repeating one costs no query (it still counts as a failure).
 - **Bounded lookups.** At most ``lookups`` database lookups of not-yet-known tokens run at once, from every
-  peer together, so a flood from many addresses cannot take the worker threads other requests need.
+  peer together, so a flood from many addresses cannot take the worker threads other requests need. The budget
+  is checked again once a lookup's turn comes, so a peer's failures exceed its budget by ``lookups`` at most.
 
 Good tokens a door has cached never come here. The clock is an argument (tests, and no wall-clock jumps).
 """
@@ -27,7 +29,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 from pdp.errors import ResourceExhausted, Unauthenticated
@@ -37,19 +38,10 @@ T = TypeVar("T")
 Clock = Callable[[], float]
 
 # Defaults: a person mistyping, a script with a stale token, a test suite: far below. A flood: far above.
-BURST = 30  # failed lookups a peer may make at once
-RATE = 10.0  # failed lookups per second a peer may make after that
-MAX_WAIT = 2.0  # the longest a lookup waits for its turn; further out, refused after this long
+BURST = 30  # failed authentications a peer may make at once
+RATE = 10.0  # failed authentications per second a peer may make after that
+MAX_WAIT = 2.0  # the longest a request waits for its peer's budget; then it is refused without a lookup
 LOOKUPS = 2  # database lookups of unknown tokens at once, all peers together
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    """What to do with one lookup: wait ``wait`` seconds, then look up, or refuse without looking up."""
-
-    wait: float
-    refused: bool = False
-    retry_after: int = 0  # seconds, when refused
 
 
 def peer_key(address: str) -> str:
@@ -97,7 +89,7 @@ class AuthThrottle:
         self.door = door
         self._rejection = rejection  # the message a remembered bad token gets: the same as a looked-up one
         self._interval = 1.0 / rate
-        self._tolerance = burst * self._interval
+        self._tolerance = (burst - 1) * self._interval  # so exactly `burst` failures pass at once
         self._max_wait = max_wait
         self._lookups = lookups
         self._negative_entries = negative_entries
@@ -105,31 +97,27 @@ class AuthThrottle:
         self._max_peers = max_peers
         self._clock = clock
         self._lock = threading.Lock()
-        self._due: OrderedDict[str, float] = OrderedDict()  # peer -> theoretical arrival time (GCRA)
+        self._due: OrderedDict[str, float] = OrderedDict()  # peer -> theoretical arrival time (GCRA) of failures
         self._bad: OrderedDict[str, float] = OrderedDict()  # token digest -> when it is forgotten
         self._semaphores: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
 
     # --- bookkeeping (any thread) --------------------------------------------------------------------
 
-    def admit(self, peer: str) -> Admission:
-        """Take ``peer``'s next turn for a lookup of an unknown token."""
+    def wait(self, peer: str) -> float:
+        """Seconds until ``peer`` may try to authenticate again (0: now)."""
         now = self._clock()
         with self._lock:
-            due = max(self._due.get(peer, now), now)
-            wait = due - self._tolerance - now
-            if wait > self._max_wait:
-                return Admission(self._max_wait, refused=True, retry_after=max(1, math.ceil(wait)))
-            self._due[peer] = due + self._interval
+            due = self._due.get(peer)
+        return 0.0 if due is None else max(0.0, due - self._tolerance - now)
+
+    def failed(self, peer: str) -> None:
+        """``peer`` failed an authentication: it fills the budget by one."""
+        now = self._clock()
+        with self._lock:
+            self._due[peer] = max(self._due.get(peer, now), now) + self._interval
             self._due.move_to_end(peer)
             while len(self._due) > self._max_peers:
                 self._due.popitem(last=False)
-            return Admission(max(0.0, wait))
-
-    def give_back(self, peer: str) -> None:
-        """The turn taken by :meth:`admit` did not end in a failed authentication."""
-        with self._lock:
-            if peer in self._due:
-                self._due[peer] -= self._interval
 
     def known_bad(self, digest: str) -> bool:
         now = self._clock()
@@ -160,33 +148,39 @@ class AuthThrottle:
                 semaphore = self._semaphores[loop] = asyncio.Semaphore(self._lookups)
             return semaphore
 
+    async def _allowed(self, peer: str, deadline: float) -> None:
+        """Return once ``peer``'s budget allows a try; ResourceExhausted if it does not by ``deadline``."""
+        while (wait := self.wait(peer)) > 0:
+            left = deadline - self._clock()
+            if wait > left:
+                await asyncio.sleep(max(0.0, left))
+                metrics.auth_failed(self.door, "throttled")
+                retry = max(1, math.ceil(self.wait(peer)))
+                raise ResourceExhausted(
+                    f"too many failed authentications from this address; retry in {retry} s", retry_after=retry
+                )
+            await asyncio.sleep(wait)
+
     async def authenticate(self, peer: str, digest: str, lookup: Callable[[], Awaitable[T]]) -> T:
         """``lookup()`` (the database) for a token not known to be good, paced and bounded as described above.
 
-        Raises :class:`Unauthenticated` for a bad token, :class:`ResourceExhausted` when ``peer`` is over its
-        budget, and whatever ``lookup`` raises otherwise.
+        Raises :class:`Unauthenticated` for a bad token, :class:`ResourceExhausted` when ``peer`` stays over its
+        budget for ``max_wait``, and whatever ``lookup`` raises otherwise.
         """
-        admission = self.admit(peer)
-        if admission.wait > 0:
-            await asyncio.sleep(admission.wait)
-        if admission.refused:
-            metrics.auth_failed(self.door, "throttled")
-            raise ResourceExhausted(
-                f"too many failed authentications from this address; retry in {admission.retry_after} s",
-                retry_after=admission.retry_after,
-            )
-        if self.known_bad(digest):
-            metrics.auth_failed(self.door, "remembered")
-            raise Unauthenticated(self._rejection)
-        try:
+        deadline = self._clock() + self._max_wait
+        while True:
+            await self._allowed(peer, deadline)
+            if self.known_bad(digest):
+                self.failed(peer)
+                metrics.auth_failed(self.door, "remembered")
+                raise Unauthenticated(self._rejection)
             async with self._semaphore():
-                result = await lookup()
-        except Unauthenticated:
-            self.remember_bad(digest)
-            metrics.auth_failed(self.door, "looked_up")
-            raise
-        except BaseException:
-            self.give_back(peer)  # the database failed, not the caller
-            raise
-        self.give_back(peer)
-        return result
+                if self.wait(peer) > 0:
+                    continue  # the peer failed again while this one queued: back to waiting
+                try:
+                    return await lookup()
+                except Unauthenticated:
+                    self.remember_bad(digest)
+                    self.failed(peer)
+                    metrics.auth_failed(self.door, "looked_up")
+                    raise

@@ -62,10 +62,11 @@ def bad_token(i: int) -> str:
 
 
 def budget(started: float) -> float:
-    """The most failed lookups one peer may cause from ``started`` until now: its burst, then RATE per second."""
-    from pdp.identity.throttle import BURST, RATE  # here, so the module still runs (and fails) without it
+    """The most failed lookups one peer may cause from ``started`` until now: its burst, then RATE per second,
+    and the lookups already under way when the budget ran out."""
+    from pdp.identity.throttle import BURST, LOOKUPS, RATE  # here, so the module still runs (and fails) without it
 
-    return BURST + RATE * (time.monotonic() - started) + 1
+    return BURST + RATE * (time.monotonic() - started) + LOOKUPS
 
 
 async def grpc_flood(target: str, tokens: list[str]) -> Counter[str]:
