@@ -7,7 +7,7 @@
     ├── AlreadyExists        idempotency key reused for a different action
     ├── PermissionDenied     authenticated, but not allowed to do this (an approver outside the groups)
     ├── FailedPrecondition   the proposal is not in a state that allows this
-    ├── ResourceExhausted    the caller holds too many of a bounded resource (open watch streams)
+    ├── ResourceExhausted    the caller holds too many of a bounded resource (open watch streams, failed logins)
     └── Unavailable          the database failed; nothing was decided
 A deny is an answer, never an error.
 """
@@ -53,6 +53,10 @@ class FailedPrecondition(PdpError):
 
 class ResourceExhausted(PdpError):
     code = "resource_exhausted"
+
+    def __init__(self, message: str, retry_after: int = 0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds, when a retry later may succeed (0: not said)
 
 
 class Unavailable(PdpError):

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -120,8 +120,9 @@ def target_server() -> Iterator[Target]:
         target.stop()
 
 
-def write_bundle(directory: Path, target_url: str) -> Path:
-    """Tools `web` (http), `kv` (idempotent http) and `crm` (sql); support agents may do anything."""
+def write_bundle(directory: Path, target_url: str, rules: Sequence[dict[str, Any]] = ()) -> Path:
+    """Tools `web` (http), `kv` (idempotent http) and `crm` (sql); support agents may do anything ``rules``
+    (extra rules, e.g. a deny) do not forbid."""
     directory.mkdir(parents=True, exist_ok=True)
     documents = [
         {
@@ -161,6 +162,7 @@ def write_bundle(directory: Path, target_url: str) -> Path:
             "apiVersion": "pdp/v1",
             "kind": "Rules",
             "rules": [
+                *rules,
                 {"id": "support-may", "effect": "allow", "when": '"support" in agent.roles'},
                 {
                     "id": "big-needs-approval",
@@ -260,10 +262,12 @@ class Stack:
 
 
 @contextmanager
-def execution_stack(backend: str, tmp_path: Path, *, crm: bool = False) -> Iterator[Stack]:
+def execution_stack(
+    backend: str, tmp_path: Path, *, crm: bool = False, rules: Sequence[dict[str, Any]] = ()
+) -> Iterator[Stack]:
     with target_server() as target, fresh_database(backend, tmp_path) as url:
         upgrade(url)
-        bundle = write_bundle(tmp_path / "bundle", target.url)
+        bundle = write_bundle(tmp_path / "bundle", target.url, rules)
         token_file = tmp_path / "target.token"
         token_file.write_text(target.token)
         crm_url_file = crm_database(tmp_path) if crm else None

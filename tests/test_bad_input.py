@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import PDP, POLICIES, TICKETS, Server, broken_bundle, running_server
+from conftest import BULK_CLOSE, PDP, POLICIES, TICKETS, Server, broken_bundle, running_server
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
@@ -403,7 +403,7 @@ def test_bearer_scheme_is_case_insensitive(server: Server) -> None:
 
 def test_every_rpc_requires_a_token(server: Server) -> None:
     owner = server.client(server.add_agent().token)
-    proposal_id = owner.send(valid_request(params={"count": 40})).proposal_id
+    proposal_id = owner.send(valid_request(resource=BULK_CLOSE, params={"count": 40})).proposal_id
     anonymous = server.client("pdp_wrong")
     calls: list[Callable[[], object]] = [
         lambda: anonymous.send(valid_request()),
@@ -444,7 +444,7 @@ def test_revocation_beats_the_identity_cache_on_every_rpc(server: Server, rpc: s
     """The server caches verified identities; each RPC must still see a revocation at once."""
     agent = server.add_agent()
     client = server.client(agent.token)
-    pending = client.send(valid_request(params={"count": 40}))  # warms the cache for this token
+    pending = client.send(valid_request(resource=BULK_CLOSE, params={"count": 40}))  # warms the cache for this token
     assert pending.state == pdp_pb2.PENDING_APPROVAL
 
     revoke_agent(server.engine, agent.id)

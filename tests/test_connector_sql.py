@@ -288,6 +288,64 @@ def test_bad_resources_are_refused(connector: SqlConnector, db: Db, resource: st
     assert db.rows() == before
 
 
+@pytest.mark.parametrize(
+    ("table", "problem"),
+    [
+        pytest.param("CONTACTS", "no table 'CONTACTS'", id="upper-case"),
+        pytest.param("Contacts", "no table 'Contacts'", id="mixed-case"),
+        pytest.param("sqlite_master", "system table", id="sqlite-master"),
+        pytest.param("SQLite_Schema", "system table", id="sqlite-schema-any-case"),
+        pytest.param("pg_class", "system table", id="pg-class"),
+        pytest.param("tables", "no table 'tables'", id="information-schema-unqualified"),
+    ],
+)
+def test_a_table_matches_its_reflected_name_exactly(connector: SqlConnector, db: Db, table: str, problem: str) -> None:
+    before = db.rows()
+    for operation, params in (("select", {}), ("delete", {"where": {"id": 1}})):
+        with pytest.raises(ConnectorError) as raised:
+            connector.execute(call(operation, params, resource=f"sql://crm/{table}"))
+        assert problem in raised.value.message
+    assert db.rows() == before
+
+
+def test_a_column_matches_its_reflected_name_exactly(connector: SqlConnector, db: Db) -> None:
+    before = db.rows()
+    for params in ({"where": {"NAME": "Ada"}}, {"columns": ["Name"]}, {"order_by": "ID"}, {"where": {"rowid": 1}}):
+        with pytest.raises(ConnectorError, match="has no column"):
+            connector.execute(call("select", params))
+    with pytest.raises(ConnectorError, match="has no column 'EMAIL'"):
+        connector.execute(call("update", {"values": {"EMAIL": "x@example.com"}, "where": {"id": 1}}))
+    assert db.rows() == before
+
+
+def test_the_tables_allow_list_limits_the_tables_a_database_serves(db: Db) -> None:
+    db.ddl("CREATE TABLE accounts (id INTEGER PRIMARY KEY, secret VARCHAR(50))")
+    made = SqlConnector(section(tables={"crm": ["contacts"]}), ConnectorContext(CRM, db.directory, {}))
+    try:
+        assert made.execute(call("select", {"where": {"id": 1}, "columns": ["id"]}))["rows"] == [{"id": 1}]
+        with pytest.raises(ConnectorError, match=r"'accounts' is not in tables\.crm"):
+            made.execute(call("select", {}, resource="sql://crm/accounts"))
+    finally:
+        made.close()
+
+
+@pytest.mark.parametrize(
+    ("tables", "problem"),
+    [
+        pytest.param({"other": ["contacts"]}, "no such database", id="unknown-database"),
+        pytest.param({"crm": []}, "at least one table", id="empty"),
+        pytest.param({"crm": ["sqlite_master"]}, "system table", id="system-table"),
+        pytest.param({"crm": ["public.contacts"]}, "not a table name", id="qualified"),
+        pytest.param({"crm": "contacts"}, "tables.crm", id="not-a-list"),
+    ],
+)
+def test_a_bad_tables_allow_list_is_a_config_error(tmp_path: Path, tables: dict[str, Any], problem: str) -> None:
+    (tmp_path / "crm.url").write_text(f"sqlite:///{tmp_path / 'crm.db'}")
+    with pytest.raises(ConnectorConfigError, match="tool crm: ") as raised:
+        SqlConnector(section(tables=tables), ConnectorContext(CRM, tmp_path, {}))
+    assert problem in str(raised.value)
+
+
 def test_a_database_the_tool_does_not_configure_is_refused(db: Db) -> None:
     wide = Tool(name="crm", type="sql", resource_prefix="sql://", operations=OPERATIONS)
     made = SqlConnector(section(), ConnectorContext(tool=wide, base_dir=db.directory, environ={}))

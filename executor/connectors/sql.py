@@ -7,8 +7,14 @@ Config section::
         crm: {file: .pdp/demo/crm.url}
       statement_timeout: 5s       # default 5s
       max_rows: 100               # default 100: the most rows a select returns
+      tables:                     # optional allow-list per database; unlisted databases reach every user table
+        crm: [contacts, accounts]
 
-The resource is ``sql://<database>/<table>``. Params by operation (nothing else is accepted):
+The resource is ``sql://<database>/<table>``. The table is looked up, by exact name (case included), among
+the user tables and views of the database's schema (SQLite ``main``; PostgreSQL the connection's
+``current_schema()``), never by letting the database resolve the name: SQLite matches names without regard
+to case, and the system catalogs (``sqlite_*``, ``pg_*``, ``pg_catalog``, ``information_schema``) are never
+reachable, whatever the grants of the configured credential. Params by operation (nothing else is accepted):
 
 - ``select``: ``{"where"?, "columns"?: [col, ...], "limit"?: n <= max_rows, "order_by"?: col}``
 - ``insert``: ``{"values": {col: value}}`` or ``{"rows": [{col: value}, ...]}`` (at most 1000 rows)
@@ -35,7 +41,7 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from sqlalchemy import (
     Column,
     Connection,
@@ -46,6 +52,7 @@ from sqlalchemy import (
     delete,
     event,
     insert,
+    inspect,
     or_,
     select,
     text,
@@ -72,8 +79,13 @@ from pdp.store.database import normalize_url
 
 OPERATIONS = ("select", "insert", "update", "delete")
 MAX_INSERT_ROWS = 1000
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_DATABASE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+# Used with fullmatch: "$" would also accept a trailing newline.
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DATABASE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# Names the databases reserve for their own catalogs (SQLite refuses to create sqlite_*; PostgreSQL's catalogs are
+# pg_*). Refused whatever the case and whatever the database holds, so no catalog is ever one typo away.
+_SYSTEM_PREFIXES = ("sqlite_", "pg_")
+_SYSTEM_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
 _PARAMS = {
     "select": {"where", "columns", "limit", "order_by"},
     "insert": {"values", "rows"},
@@ -93,19 +105,42 @@ class SqlSection(BaseModel):
     databases: dict[str, SecretRef] = Field(min_length=1)
     statement_timeout: DurationText = "5s"
     max_rows: int = Field(default=100, gt=0, le=10_000)
+    tables: dict[str, list[str]] = Field(default_factory=dict)
 
     @field_validator("databases", mode="before")
     @classmethod
     def _referenced(cls, value: Any) -> Any:
         if isinstance(value, Mapping):
             for name, item in value.items():
-                if not isinstance(name, str) or not _DATABASE_NAME.match(name):
+                if not isinstance(name, str) or not _DATABASE_NAME.fullmatch(name):
                     raise ValueError(f"{name!r} is not a database name (letters, digits, _ . -)")
                 if not isinstance(item, Mapping):
                     raise ValueError(
                         f"database {name}: credentials are referenced, never inline: {{env: NAME}} or {{file: PATH}}"
                     )
         return value
+
+    @model_validator(mode="after")
+    def _tables_listed(self) -> SqlSection:
+        for database, names in self.tables.items():
+            if database not in self.databases:
+                raise ValueError(f"tables.{database}: no such database in databases")
+            if not names:
+                raise ValueError(f"tables.{database}: list at least one table (or leave the database out)")
+            for name in names:
+                problem = _table_name_problem(name)
+                if problem:
+                    raise ValueError(f"tables.{database}: {problem}")
+        return self
+
+
+def _table_name_problem(name: str) -> str:
+    """Why ``name`` can never name a reachable table; empty when it can."""
+    if not _IDENTIFIER.fullmatch(name):
+        return f"{name!r} is not a table name"
+    if name.lower().startswith(_SYSTEM_PREFIXES):
+        return f"{name!r} is a system table name: system tables are never reachable"
+    return ""
 
 
 class SqlConnector:
@@ -120,6 +155,7 @@ class SqlConnector:
         self._timeout_text = config.statement_timeout
         self._timeout = parse_duration(config.statement_timeout).total_seconds()
         self._max_rows = config.max_rows
+        self._allowed = {database: frozenset(names) for database, names in config.tables.items()}
         self._urls: dict[str, URL] = {}
         self._secrets: list[Secret] = []
         for name, ref in config.databases.items():
@@ -211,8 +247,12 @@ class SqlConnector:
         database, table = parts
         if database not in self._urls:
             raise ConnectorRejected(f"{self._tool}: database {database!r} is not configured for this tool")
-        if not _IDENTIFIER.match(table):
-            raise ConnectorRejected(f"{self._tool}: {table!r} is not a table name")
+        problem = _table_name_problem(table)
+        if problem:
+            raise ConnectorRejected(f"{self._tool}: {problem}")
+        allowed = self._allowed.get(database)
+        if allowed is not None and table not in allowed:
+            raise ConnectorRejected(f"{self._tool}: table {table!r} is not in tables.{database} of this tool's config")
         return database, table
 
     def _run(self, conn: Connection, operation: str, table: Table, params: dict[str, Any]) -> dict[str, Any]:
@@ -340,19 +380,46 @@ class SqlConnector:
         )
 
     def _table(self, database: str, name: str, mentioned: set[str]) -> Table:
-        """The reflected table; reflected again once when a column is unknown, in case the schema changed."""
+        """The reflected table; reflected again once when a column is unknown, in case the schema changed.
+
+        ``name`` is looked up in the list of the schema's user tables and views, compared exactly: the
+        database's own name resolution (case-insensitive on SQLite, catalogs first on PostgreSQL) never
+        picks the table. Columns are then matched exactly against the reflected ones (:meth:`_column`).
+        """
         key = (database, name)
         with self._lock:
             cached = self._tables.get(key)
         if cached is not None and mentioned <= set(cached.c.keys()):
             return cached
-        try:
-            table = Table(name, MetaData(), autoload_with=self._engine(database))
-        except sa_exc.NoSuchTableError:
-            raise ConnectorRejected(f"{self._tool}: database {database!r} has no table {name!r}") from None
+        with self._engine(database).connect() as conn:
+            schema = self._schema(conn, database)
+            if name not in _user_tables(conn, schema):
+                raise ConnectorRejected(
+                    f"{self._tool}: database {database!r} has no table {name!r} (names match exactly, case included)"
+                )
+            try:
+                table = Table(name, MetaData(), schema=schema, autoload_with=conn)
+            except sa_exc.NoSuchTableError:  # dropped since it was listed
+                raise ConnectorRejected(f"{self._tool}: database {database!r} has no table {name!r}") from None
         with self._lock:
             self._tables[key] = table
         return table
+
+    def _schema(self, conn: Connection, database: str) -> str | None:
+        """The schema tables are looked up in: None (``main``) on SQLite, ``current_schema()`` on PostgreSQL.
+
+        Named explicitly on PostgreSQL, so statements say ``schema.table`` and no other schema on the search path
+        (``pg_catalog`` is searched first, implicitly) can answer for the name.
+        """
+        if conn.dialect.name == "sqlite":
+            return None
+        schema = conn.dialect.default_schema_name
+        if not schema or schema in _SYSTEM_SCHEMAS or schema.lower().startswith("pg_"):
+            raise ConnectorError(
+                f"{self._tool}: database {database!r}: the connection's current schema is {schema!r}, not a user "
+                "schema (check the role's search_path)"
+            )
+        return schema
 
     def _database_error(self, exc: sa_exc.SQLAlchemyError) -> ConnectorError:
         """The database's own first line; never the statement, its parameters or the URL."""
@@ -364,6 +431,19 @@ class SqlConnector:
         if isinstance(exc, sa_exc.IntegrityError):  # a constraint refused the agent's values: not the database's fault
             return ConnectorRejected(f"{self._tool}: {first}")
         return ConnectorError(f"{self._tool}: {first}")
+
+
+def _user_tables(conn: Connection, schema: str | None) -> set[str]:
+    """The names of the user tables and views of ``schema``, as the catalog spells them.
+
+    SQLAlchemy leaves SQLite's internal ``sqlite_*`` tables out; a PostgreSQL schema named explicitly holds no
+    catalog. :func:`_table_name_problem` has already refused the system prefixes in any case.
+    """
+    inspector = inspect(conn)
+    names = set(inspector.get_table_names(schema=schema)) | set(inspector.get_view_names(schema=schema))
+    if conn.dialect.name == "postgresql":
+        names |= set(inspector.get_materialized_view_names(schema=schema))
+    return {n for n in names if not _table_name_problem(n)}
 
 
 def _mentioned_columns(params: Mapping[str, Any]) -> set[str]:

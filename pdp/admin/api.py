@@ -15,6 +15,7 @@ from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
+from pdp.admin.auth import STATE_KEY
 from pdp.approvals.listing import DEFAULT_PAGE, MAX_CURSOR, MAX_PAGE
 from pdp.approvals.service import (
     MAX_TEXT,
@@ -247,12 +248,15 @@ def service_of(request: Request) -> ApprovalService:
     return service
 
 
-def current_approver(
+async def current_approver(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Approver:
-    if credentials is None or not credentials.credentials:
+    """Who :class:`pdp.admin.auth.BearerAuth` authenticated, before the body was read (``credentials`` only
+    documents the scheme in /openapi.json)."""
+    approver = getattr(request.state, STATE_KEY, None)
+    if not isinstance(approver, Approver):
         raise Unauthenticated("an approver bearer token is required")
-    return service_of(request).authenticate(credentials.credentials)
+    return approver
 
 
 ApproverDep = Annotated[Approver, Depends(current_approver)]

@@ -20,7 +20,8 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pdp.admin import api, pages, sessions
+from pdp.admin import api, auth, pages, sessions
+from pdp.admin.limits import BodyLimit
 from pdp.approvals.service import ApprovalService
 from pdp.errors import (
     AlreadyExists,
@@ -166,6 +167,11 @@ def create_app(
     app.state.approvals = service
     app.state.session_key = session_key
     app.state.cookie_secure = cookie_secure
+    app.state.auth_throttle = auth.new_throttle()
+    # Outermost last: security headers on every answer, then the body cap, then the API's bearer check, so an
+    # oversized or unauthenticated request is refused before a byte of its body is read.
+    app.add_middleware(auth.BearerAuth, service=service, throttle=app.state.auth_throttle)
+    app.add_middleware(BodyLimit)
     app.add_middleware(SecurityHeaders)
     _install_handlers(app)
 

@@ -23,13 +23,13 @@ import markupsafe
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from pdp.admin import sessions
+from pdp.admin import auth, sessions
 from pdp.admin.api import proposal_id, service_of
 from pdp.admin.reveal import reveal
 from pdp.admin.sessions import Session
 from pdp.approvals.listing import DEFAULT_PAGE, MAX_CURSOR, MAX_PAGE
 from pdp.approvals.service import MAX_TEXT
-from pdp.errors import NotFound, PermissionDenied, Unauthenticated
+from pdp.errors import NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
 from pdp.identity.approvers import Approver
 
 
@@ -173,15 +173,21 @@ def login_page(request: Request) -> Response:
 
 
 @router.post("/login")
-def login(request: Request, token: Annotated[str, Form()] = "", csrf_token: CsrfField = "") -> Response:
+async def login(request: Request, token: Annotated[str, Form()] = "", csrf_token: CsrfField = "") -> Response:
     key = _key(request)
     if not sessions.check_login_csrf(key, request.cookies.get(sessions.LOGIN_COOKIE), csrf_token):
         # Login CSRF: only a form this server rendered, in this browser, may sign it in.
         return _login_form(request, 403, "This sign-in form has expired or did not come from this site. Try again.")
     try:
-        approver = service_of(request).authenticate(token.strip())
+        # Paced per address, like the API's bearer tokens: guessing costs the guesser, not the other approvers.
+        approver = await auth.authenticate(request, token.strip())
     except Unauthenticated:
         return _login_form(request, 401, "Unknown or revoked token.")
+    except ResourceExhausted as exc:
+        wait = max(1, exc.retry_after)
+        refused = _login_form(request, 429, f"Too many failed sign-ins from this address; retry in {wait} s.")
+        refused.headers["retry-after"] = str(wait)
+        return refused
     _, cookie = sessions.issue(key, approver.id, time.time())
     response = RedirectResponse("/", status_code=303)
     _set_cookie(request, response, sessions.COOKIE, cookie, sessions.MAX_AGE)

@@ -76,6 +76,13 @@ POLICY_RELOADS = Counter("pdp_policy_reloads", "Policy bundles activated by hot 
 POLICY_RELOAD_FAILURES = Counter(
     "pdp_policy_reload_failures", "Hot reloads refused (the last good bundle stayed active)", registry=PDP
 )
+AUTH_FAILURES = Counter(
+    "pdp_auth_failures",
+    "Failed authentications, by door (grpc, admin) and answer (looked_up: a database lookup found nothing; "
+    "remembered: a token that failed before, no lookup; throttled: the peer was over its budget, no lookup)",
+    ["door", "answer"],
+    registry=PDP,
+)
 
 # --- the executor --------------------------------------------------------------------------------------
 
@@ -104,6 +111,11 @@ _LIMITS: dict[tuple[str, str], Counter] = {}
 _APPROVALS: dict[str, Histogram] = {}
 _EXECUTIONS: dict[tuple[str, str], Counter] = {}
 _EXECUTION_SECONDS: dict[str, Histogram] = {}
+_AUTH_FAILURES = {
+    (door, answer): AUTH_FAILURES.labels(door, answer)
+    for door in ("grpc", "admin")
+    for answer in ("looked_up", "remembered", "throttled")
+}
 
 
 def decided(decision: Decision, seconds: float) -> None:
@@ -155,6 +167,11 @@ def reload_activated() -> None:
 
 def reload_failed() -> None:
     POLICY_RELOAD_FAILURES.inc()
+
+
+def auth_failed(door: str, answer: str) -> None:
+    """A bearer token was refused at ``door`` (grpc, admin); ``answer``: looked_up, remembered or throttled."""
+    _AUTH_FAILURES[(door, answer)].inc()
 
 
 def executed(tool: str, status: str, seconds: float) -> None:

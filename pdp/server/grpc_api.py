@@ -20,6 +20,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from pdp import errors
 from pdp.errors import InvalidArgument, PdpError, ResourceExhausted, Unauthenticated, Unavailable
 from pdp.identity.agents import Caller
+from pdp.identity.throttle import AuthThrottle, peer_key
+from pdp.identity.tokens import token_hash
 from pdp.observability import logs, metrics, tracing
 from pdp.proposals.service import ProposalService
 from pdp.proposals.validation import validate, validate_proposal_id
@@ -91,9 +93,13 @@ def _unary(method: Handler[R]) -> Handler[R]:
 
 
 class PolicyDecisionPointService:
-    def __init__(self, service: ProposalService, pool: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, service: ProposalService, pool: ThreadPoolExecutor, throttle: AuthThrottle | None = None
+    ) -> None:
         self._service = service
         self._pool = pool
+        # Tokens not cached as good go through this: bad ones cost their sender time, not the others' CPU.
+        self._throttle = throttle or AuthThrottle("grpc", "unknown or revoked token")
         # Set at shutdown so open WatchProposal streams end at once instead of holding the grace period.
         self.stopping = asyncio.Event()
         self._watches: dict[str, int] = {}
@@ -117,7 +123,11 @@ class PolicyDecisionPointService:
         cached = self._service.identify(token)
         if cached is not None:
             return cached  # still checked active inside whatever the request does next
-        return await self._blocking(self._service.authenticate, token)
+        return await self._throttle.authenticate(
+            peer_key(context.peer() or ""),
+            token_hash(token),
+            lambda: self._blocking(self._service.authenticate, token),
+        )
 
     @staticmethod
     def _proposal_id(request: pdp_pb2.GetProposalRequest) -> str:
