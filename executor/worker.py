@@ -28,6 +28,7 @@ from executor import claims
 from executor.claims import Job, Lease, Outcome
 from executor.config import Settings
 from executor.connectors.base import Call, Connector, ConnectorError, ConnectorRejected, ConnectorTimeout
+from executor.isolation import SetAside
 from executor.redaction import Redactor
 from pdp.canonical import canonical_json
 from pdp.observability import logs, metrics, tracing
@@ -35,7 +36,7 @@ from pdp.observability.collectors import ExecutorState
 from pdp.observability.exposition import MetricsServer
 from pdp.policy.catalog import Tool
 from pdp.proposals.states import ProposalState
-from pdp.store.models import proposals
+from pdp.store.models import executions, proposals
 from pdp.store.writer import GroupCommitWriter
 
 log = logging.getLogger("executor")
@@ -86,6 +87,7 @@ class Executor:
         self._clock = clock
         self.worker_id = settings.worker_id or default_worker_id()
         self._lease = Lease(self.worker_id, settings.lease)
+        self._aside = SetAside()  # rows that could not even be refused: skipped for a while, never holding the rest
         self._pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="executor-call")
         self._inflight: set[str] = set()
         self._lock = threading.Lock()
@@ -139,17 +141,23 @@ class Executor:
         """Run ``work`` in a committed transaction; concurrent callers share one commit (group commit)."""
         return self._writes.submit(work).result()
 
-    def _work_waiting(self) -> bool:
-        query = select(
-            exists().where(proposals.c.state == ProposalState.APPROVED.value, proposals.c.tool.in_(list(self._served)))
+    def _work_waiting(self, now: datetime) -> bool:
+        waiting = exists().where(
+            proposals.c.state == ProposalState.APPROVED.value, proposals.c.tool.in_(list(self._served))
         )
+        aside = self._aside.ids(now)
+        if aside:  # set aside: not work until their pause ends
+            waiting = waiting.where(proposals.c.id.not_in(aside))
         with self._reader.connect() as conn:
-            return bool(conn.execute(query).scalar())
+            return bool(conn.execute(select(waiting)).scalar())
 
     def _abandoned_waiting(self, now: datetime) -> bool:
-        query = select(exists().where(claims.abandoned(now, self._served, self._catalog)))
+        waiting = exists().where(claims.abandoned(now, self._served, self._catalog))
+        aside = self._aside.ids(now)
+        if aside:
+            waiting = waiting.where(executions.c.proposal_id.not_in(aside))
         with self._reader.connect() as conn:
-            return bool(conn.execute(query).scalar())
+            return bool(conn.execute(select(waiting)).scalar())
 
     def _loop(self) -> None:
         next_recovery = 0.0
@@ -162,7 +170,7 @@ class Executor:
                     if self._abandoned_waiting(now):
                         jobs += self._transaction(self._recover)
                 free = self._settings.concurrency - self.busy() - len(jobs)
-                if free > 0 and self._served and self._work_waiting():
+                if free > 0 and self._served and self._work_waiting(now):
                     jobs += self._transaction(functools.partial(self._claim, limit=free))
             except Exception:  # the loop must outlive any one bad poll (database down, a bug)
                 log.exception("error in the claim loop; retrying in 1 s")
@@ -188,6 +196,7 @@ class Executor:
             catalog=self._catalog,
             public_key=self._public_key,
             limit=limit,
+            aside=self._aside,
         )
 
     def _recover(self, conn: Connection) -> list[Job]:
@@ -200,6 +209,7 @@ class Executor:
             public_key=self._public_key,
             max_attempts=self._settings.max_attempts,
             backoff=self._settings.retry_backoff,
+            aside=self._aside,
         )
 
     def _heartbeat(self) -> None:
