@@ -16,17 +16,18 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import BACKENDS
 from execution import Stack, execution_stack, running_executor
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import delete, insert, select, text, update
 
 from pdp.canonical import canonical_json
 from pdp.client import PdpClient
-from pdp.store.models import audit_events, execution_tickets, proposals
+from pdp.store.models import audit_events, execution_tickets, executions, proposals
 from pdp.v1 import pdp_pb2
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -130,6 +131,12 @@ def _corrupt(stack: Stack, pid: str, how: str) -> None:
             conn.execute(update(proposals).where(this).values(action=edited, resource=edited["resource"]))
         elif how == "ticket-missing":
             conn.execute(delete(execution_tickets).where(execution_tickets.c.proposal_id == pid))
+        elif how == "execution-row-planted":  # starting it would collide with this row's key: an error, not a refusal
+            conn.execute(
+                insert(executions).values(
+                    proposal_id=pid, tool="web", attempt=1, status="RUNNING", started_at=datetime.now(UTC)
+                )
+            )
         else:
             raise AssertionError(how)
 
@@ -141,6 +148,7 @@ CORRUPTIONS = {
     "action_json-rewritten": "ticket.action_mismatch",
     "action-edited": "ticket.action_mismatch",
     "ticket-missing": "ticket.missing",
+    "execution-row-planted": "execution.unverifiable",
 }
 
 
