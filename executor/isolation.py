@@ -53,17 +53,30 @@ def each_alone(
 ) -> T | None:
     """``work()`` in a savepoint; if it raises, ``refuse(error)`` in another; if that raises too, set aside."""
     try:
-        with conn.begin_nested():
-            return work()
+        return _in_savepoint(conn, work)
     except Exception as exc:  # anything at all: this row must not hold the others
         log.exception("cannot check proposal %s; refusing it alone", proposal_id)
         failure = exc
     try:
-        with conn.begin_nested():
-            refuse(failure)
+        _in_savepoint(conn, lambda: refuse(failure))
     except Exception:
         pause = (aside.pause if aside is not None else PAUSE).total_seconds()
         log.exception("cannot refuse proposal %s either: set aside for %.0f s, the others go on", proposal_id, pause)
         if aside is not None:
             aside.add(proposal_id, now)
     return None
+
+
+def _in_savepoint(conn: Connection, work: Callable[[], T]) -> T:
+    """``work()``, undone alone if it raises. Savepoints straight on the driver's connection, as the
+    group-commit writer's are: SQLAlchemy's begin_nested() costs more Python than the row's own work."""
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    cursor.execute("SAVEPOINT pdp_row")
+    try:
+        result = work()
+    except BaseException:
+        cursor.execute("ROLLBACK TO SAVEPOINT pdp_row")
+        cursor.execute("RELEASE SAVEPOINT pdp_row")
+        raise
+    cursor.execute("RELEASE SAVEPOINT pdp_row")
+    return result
