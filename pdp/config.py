@@ -72,6 +72,13 @@ SETTINGS = (
         "",
         "public base URL of the admin endpoint, used in notification links (default http://<admin addr>)",
     ),
+    Setting(
+        "max_pending_per_agent",
+        "--max-pending-per-agent",
+        "PDP_MAX_PENDING_PER_AGENT",
+        "1000",
+        "most proposals one agent may have pending approval; a proposal over it is recorded and denied",
+    ),
     Setting("log_format", "--log-format", "PDP_LOG_FORMAT", "json", "log lines: json (one object per line) or text"),
     Setting(
         "otlp_endpoint",
@@ -100,6 +107,7 @@ class Config:
     log_format: str = "json"
     otlp_endpoint: str = ""
     policy_reload: str = "watch"
+    max_pending_per_agent: str = "1000"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:

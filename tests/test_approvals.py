@@ -376,11 +376,10 @@ def test_a_bundle_that_reads_usage_is_re_decided_with_usage_at_quorum(world: Wor
     assert world.tickets(pid) == 1
 
 
-def test_the_list_is_capped_after_filtering(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pdp.approvals.service as approvals_service
-
-    monkeypatch.setattr(approvals_service, "MAX_LISTED", 1)
+def test_a_page_of_the_list_is_filled_after_filtering(world: World) -> None:
     for _ in range(2):
         world.pending()  # for the leads: older, and not this approver's
     mine = world.pending(oncall=True)
-    assert [p.proposal_id for p in world.service.pending(world.approver("oncall-1", "ops"))] == [mine]
+    page = world.service.pending_page(world.approver("oncall-1", "ops"), limit=1)
+    assert [p.proposal_id for p in page.items] == [mine]
+    assert page.next_cursor is None and page.prev_cursor is None

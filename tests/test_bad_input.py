@@ -454,7 +454,8 @@ def test_revocation_beats_the_identity_cache_on_every_rpc(server: Server, rpc: s
     )
     assert server.count(agent.id) == 1
     row = server.row(pending.proposal_id)
-    assert row is not None and row["state"] == "PENDING_APPROVAL"
+    # Revocation itself cancelled the pending proposal; the revoked agent's own calls changed nothing.
+    assert row is not None and row["state"] == "CANCELLED"
 
 
 # --- The server refuses to start on a broken bundle or an old schema --------------------------------

@@ -212,8 +212,17 @@ def test_params_never_reach_the_url_or_body_without_a_body_method(
 
 
 def test_the_resource_query_string_is_sent_as_written(connector: HttpConnector, target: Target) -> None:
-    connector.execute(call(f"{target.base}/api/", "GET", f"{target.base}/api/tickets?state=open"))
-    assert [seen.path for seen in target.seen] == ["/api/tickets?state=open"]
+    prefix = f"{target.base}/api/"
+    queried = Tool(name="tickets", type="http", resource_prefix=prefix, operations=OPERATIONS, query=True)
+    resource = f"{target.base}/api/tickets?state=open&q=a+b%2B%3D%26&tag=%7Bx%7D"
+    connector.execute(Call(proposal_id="prop-123", tool=queried, operation="GET", resource=resource, params={}))
+    assert [seen.path for seen in target.seen] == ["/api/tickets?state=open&q=a+b%2B%3D%26&tag=%7Bx%7D"]
+
+
+def test_a_query_is_refused_unless_the_tool_takes_one(connector: HttpConnector, target: Target) -> None:
+    with pytest.raises(ConnectorError, match="query: true"):
+        connector.execute(call(f"{target.base}/api/", "GET", f"{target.base}/api/tickets?state=open"))
+    assert target.seen == []
 
 
 @pytest.mark.parametrize(
@@ -250,10 +259,10 @@ def test_a_prefix_without_trailing_slash_cannot_be_extended_to_another_origin(ta
 
 
 def test_a_non_http_scheme_is_refused(tmp_path: Path) -> None:
-    made = HttpConnector(SECTION, context(tmp_path, "file:///etc/"))
+    made = HttpConnector(SECTION, context(tmp_path, "ftp://files.internal/"))
     try:
         with pytest.raises(ConnectorError, match="not an http"):
-            made.execute(call("file:///etc/", "GET", "file:///etc/passwd"))
+            made.execute(call("ftp://files.internal/", "GET", "ftp://files.internal/passwd"))
     finally:
         made.close()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bundles import NOW, TICKETS, make_bundle, request
+from bundles import NOW, TICKETS, TOOLS, make_bundle, request
 
 from pdp.policy.bundle import PolicyBundle
 from pdp.policy.decision import ApprovalRequirement, Decision, Outcome, Reason
@@ -614,6 +614,37 @@ def test_policy_version_is_the_bundles(tmp_path: Path) -> None:
         ("tickets", "POST", TICKETS + "/evil.example/x", "resource_not_canonical"),
         ("tickets", "POST", TICKETS + "t//1", "resource_not_canonical"),
         ("tickets", "POST", TICKETS + "t/%252e%252e/admin", "resource_not_canonical"),
+        # One spelling per resource: nothing a client drops, a router skips or a decoder rewrites.
+        ("tickets", "POST", TICKETS + "t/1#x", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "t/1?x", "resource_not_canonical"),  # no query unless the tool opts in
+        ("tickets", "POST", TICKETS + "t/%31", "resource_not_canonical"),  # an encoded unreserved character
+        ("tickets", "POST", TICKETS + "t/%7e", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "t/%7b", "resource_not_canonical"),  # lowercase hex
+        ("tickets", "POST", TICKETS + "t/%3D", "resource_not_canonical"),  # a sub-delimiter is written raw
+        ("tickets", "POST", TICKETS + "t/%2f%2f1", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "t/%2F", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "t/1%3bx", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "t/1%3F", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "t/1%", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "t/1%4", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "t/1%20", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "t/1%09", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "t/{1}", "resource_not_canonical"),  # written %7B1%7D
+        ("tickets", "POST", TICKETS + "t/1\u0085", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "t/1%C2%85", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "t/1\u00a0", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "t/1%C2%A0", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "t/1\u200b", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "t/1%E2%80%8B", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "t/\u202e1", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "t/%E2%80%AE1", "resource_not_canonical"),
+        ("tickets", "POST", TICKETS + "t/caf\u00e9", "resource_not_canonical"),  # raw non-ASCII
+        ("tickets", "POST", TICKETS + "t/cafe%CC%81", "resource_not_canonical"),  # not NFC
+        ("tickets", "POST", TICKETS + "t/%C0%AE%C0%AE", "resource_not_canonical"),  # overlong UTF-8 dots
+        ("tickets", "POST", TICKETS + "t/%FF", "resource_not_canonical"),
+        ("iam", "get", "iam:///admin", "resource_not_canonical"),
+        ("iam", "get", "iam://ro%6Ces/admin", "resource_not_canonical"),
+        ("iam", "get", "IAM://roles/admin", "resource_outside_prefix"),
     ],
 )
 def test_catalog_violation_denies_before_any_rule(
@@ -653,14 +684,102 @@ def test_catalog_rejects_dot_segments_before_encoded_separators(tmp_path: Path, 
         TICKETS + "t/1..2",
         TICKETS + "t/.hidden",
         TICKETS + "t/a.b/c",
-        TICKETS + "t?q=..x",
-        TICKETS + "t?q=a%20b",
-        TICKETS + "t?next=a//b",
+        TICKETS + "t/a=b&c:d@e!$'()*+,",
+        TICKETS + "t/caf%C3%A9",
+        TICKETS + "t/%7Bid%7D",  # what cannot be written raw is encoded, in uppercase hex
     ],
 )
 def test_catalog_accepts_canonical_resources(tmp_path: Path, resource: str) -> None:
     bundle = make_bundle(tmp_path, rules=[ALLOW_ALL])
     assert decide(bundle, request(resource=resource)).outcome is ALLOW
+
+
+QUERY_TOOLS = [dict(TOOLS[0], query=True), *TOOLS[1:]]
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [TICKETS + "t?q=..x", TICKETS + "t?q=a+b", TICKETS + "t?next=a//b", TICKETS + "t?a=%3D&b=%26%2B&c=%C3%A9"],
+)
+def test_a_query_needs_the_tools_opt_in_and_is_then_seen_verbatim(tmp_path: Path, resource: str) -> None:
+    rules = [{"id": "all", "effect": "allow", "when": "true", "message": "action.resource"}]
+    without = decide(make_bundle(tmp_path / "without", rules=rules), request(resource=resource))
+    assert [r.rule_id for r in without.reasons] == ["catalog.resource_not_canonical"]
+    assert "query: true" in without.reasons[0].message
+    opted_in = decide(make_bundle(tmp_path / "with", rules=rules, tools=QUERY_TOOLS), request(resource=resource))
+    assert opted_in.reasons == (Reason("rule:all", ALLOW, resource),)
+
+
+ANY_HTTPS = [{"name": "web", "type": "http", "resource_prefix": "https://", "operations": {"GET": "read"}}]
+
+
+@pytest.mark.parametrize(
+    ("resource", "admitted"),
+    [
+        ("https://api.example/x", True),
+        ("https://api.example:8443/x", True),
+        ("https://10.0.0.1/x", True),
+        ("https://[::1]:8443/x", True),
+        ("https://xn--caf-dma.example/x", True),
+        # Each below names an origin above (or nothing) another way; a rule on the host would miss it.
+        ("https://API.example/x", False),
+        ("https://api.example:443/x", False),  # the default port
+        ("https://api.example:/x", False),
+        ("https://api.example:08443/x", False),
+        ("https://api.example./x", False),  # the root label
+        ("https://api..example/x", False),
+        ("https://api.example", False),  # no path: "/" on the wire
+        ("https://api.example?x", False),
+        ("https://167772161/x", False),  # 10.0.0.1 to inet_aton
+        ("https://0xa.0.0.1/x", False),
+        ("https://10.1/x", False),
+        ("https://010.0.0.1/x", False),
+        ("https://[0:0::1]/x", False),
+        ("https://[::1]x/x", False),
+        ("https://api%2Eexample/x", False),
+        ("https://caf\u00e9.example/x", False),  # IDNA is written as xn--
+        ("https://user@api.example/x", False),
+        ("https:///x", False),
+    ],
+)
+def test_an_http_origin_has_one_spelling(tmp_path: Path, resource: str, admitted: bool) -> None:
+    bundle = make_bundle(tmp_path, rules=[ALLOW_ALL], tools=ANY_HTTPS)
+    decision = decide(bundle, request("web", "GET", resource))
+    assert (decision.outcome is ALLOW) == admitted, decision.reasons
+    if not admitted:
+        assert [r.rule_id for r in decision.reasons] == ["catalog.resource_not_canonical"]
+
+
+def test_a_rule_on_the_path_part_covers_every_query(tmp_path: Path) -> None:
+    # the pattern docs/policies.md gives for a tool with query: true
+    rules = [ALLOW_ALL, {"id": "no-admin", "effect": "deny", "when": f'variables.path == "{TICKETS}admin"'}]
+    bundle = make_bundle(tmp_path, rules=rules, tools=QUERY_TOOLS, variables={"path": 'action.resource.split("?")[0]'})
+    for resource in (TICKETS + "admin", TICKETS + "admin?x=1", TICKETS + "admin?a=%3D&b"):
+        decision = decide(bundle, request(resource=resource))
+        assert (decision.outcome, "no-admin" in decision.matched_rules) == (DENY, True), resource
+    assert decide(bundle, request(resource=TICKETS + "admins?x=1")).outcome is ALLOW
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [
+        TICKETS + "t?",  # empty query
+        TICKETS + "t?a&&b",
+        TICKETS + "t?a=1;b=2",
+        TICKETS + "t?a=1?b",
+        TICKETS + "t?q=a%20b",  # whitespace, also encoded ("+" is a form parser's space)
+        TICKETS + "t?q=%61",
+        TICKETS + "t?q=%2f",
+        TICKETS + "t?q=%2F",
+        TICKETS + "t?q=x#y",
+        TICKETS + "t?next=/../admin",
+        TICKETS + "?q=1",  # the bare prefix with a query is still the whole scope
+    ],
+)
+def test_an_opted_in_query_is_in_the_normal_form_too(tmp_path: Path, resource: str) -> None:
+    decision = decide(make_bundle(tmp_path, rules=[ALLOW_ALL], tools=QUERY_TOOLS), request(resource=resource))
+    assert decision.outcome is DENY
+    assert decision.reasons[0].rule_id.startswith("catalog.resource_"), decision.reasons
 
 
 @pytest.mark.parametrize(("operation", "kind"), [("GET", "read"), ("POST", "write"), ("PATCH", "write")])

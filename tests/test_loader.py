@@ -515,6 +515,21 @@ def test_loaded_bundle_contents(tmp_path: Path) -> None:
     assert (rule.location.file, rule.location.line) == ("policy/rules.yml", 12)
 
 
+def test_a_tool_takes_a_query_only_when_its_entry_says_so(tmp_path: Path) -> None:
+    write_text(tmp_path, "bundle.yaml", BUNDLE_WITH_APPROVAL)
+    plain = "  - {name: plain, type: http, resource_prefix: 'x://', operations: {get: read}}\n"
+    write_text(tmp_path, "tools.yaml", TOOLS + "    query: true\n" + plain)
+    bundle = load_bundle(tmp_path)
+    assert (bundle.tools["tickets"].query, bundle.tools["plain"].query) == (True, False)
+
+
+@pytest.mark.parametrize("value", ['"yes"', "1", "[true]"])
+def test_the_query_key_is_a_boolean(tmp_path: Path, value: str) -> None:
+    error = load_files(tmp_path, {"bundle.yaml": BUNDLE_WITH_APPROVAL, "tools.yaml": TOOLS + f"    query: {value}\n"})
+    assert [(p.location.file, p.location.line) for p in error.problems] == [("tools.yaml", 8)]
+    assert "tools.0.query" in error.problems[0].message
+
+
 def test_default_effect_defaults_to_deny(tmp_path: Path) -> None:
     write_text(tmp_path, "bundle.yaml", BUNDLE.replace("default_effect: deny\n", ""))
     write_text(tmp_path, "tools.yaml", TOOLS)

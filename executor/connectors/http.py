@@ -14,7 +14,9 @@ Config section (one per tool in the executor's config)::
 The request:
 
 - URL: ``call.resource``, verbatim. It must pass the catalog's own checks again (inside the tool's prefix,
-  no dot segments or other ambiguity) and be http or https; nothing from ``params`` is ever added to it.
+  in the catalog's one normal form) and be http or https; nothing from ``params`` is ever added to it. The
+  request target on the wire is exactly the resource's path and query as written (sent raw, so the HTTP
+  client cannot re-encode or normalise it), and ``Host`` is exactly its authority.
 - Method: ``call.operation`` upper-cased, one of GET, HEAD, POST, PUT, PATCH, DELETE.
 - Body: ``call.params`` as JSON for POST, PUT and PATCH. For GET, HEAD and DELETE the params are ignored
   (no body, no query string): the resource already says exactly what is touched.
@@ -165,7 +167,7 @@ class HttpConnector:
         self._client.close()
 
     def execute(self, call: Call) -> dict[str, Any]:
-        url, method = self._target(call)
+        url, target, method = self._target(call)
         deadline = time.monotonic() + self._timeout
         headers = {name: secret.reveal() for name, secret in self._headers.items()}
         headers["Idempotency-Key"] = call.proposal_id
@@ -177,7 +179,9 @@ class HttpConnector:
                 raise ConnectorRejected(f"{self._tool}: params are not JSON: {exc}") from None
             headers["Content-Type"] = "application/json"
         try:
-            with self._client.stream(method, url, headers=headers, content=content) as response:
+            # httpcore sends the "target" extension as the request target byte for byte.
+            extensions = {"target": target}
+            with self._client.stream(method, url, headers=headers, content=content, extensions=extensions) as response:
                 body, truncated = self._read(response, deadline)
         except httpx.TimeoutException:
             raise ConnectorTimeout(f"{self._tool}: no response within {self._timeout_text}") from None
@@ -206,8 +210,8 @@ class HttpConnector:
             "truncated": truncated,
         }
 
-    def _target(self, call: Call) -> tuple[httpx.URL, str]:
-        """The URL and method, refused unless they are exactly what the catalog allowed."""
+    def _target(self, call: Call) -> tuple[httpx.URL, bytes, str]:
+        """The URL, the request target and the method, refused unless they are exactly what the catalog allowed."""
         checked = resolve({call.tool.name: call.tool}, call.tool.name, call.operation, call.resource)
         if isinstance(checked, CatalogViolation):
             raise ConnectorRejected(f"{self._tool}: {checked.message}")
@@ -222,6 +226,16 @@ class HttpConnector:
             raise ConnectorRejected(f"{self._tool}: resource {call.resource!r} is not a valid URL") from None
         if url.scheme not in ("http", "https") or not url.host:
             raise ConnectorRejected(f"{self._tool}: resource {call.resource!r} is not an http(s) URL")
+        # In the normal form an http(s) resource is "scheme://authority/path[?query]": the authority is what
+        # the Host header carries and the rest is the request target, both as written. httpx must read the
+        # same split; if it would send anything else, nothing is sent.
+        authority, _, path = call.resource.partition("://")[2].partition("/")
+        target = ("/" + path).encode("ascii")
+        if url.netloc != authority.encode("ascii") or url.raw_path != target:
+            raise ConnectorRejected(
+                f"{self._tool}: resource {call.resource!r} would not be sent as written "
+                f"(host {url.netloc!r}, target {url.raw_path!r})"
+            )
         # A prefix without a trailing slash ("http://api.example") would also admit "http://api.example.evil";
         # the parsed origin must be the prefix's own.
         try:
@@ -234,7 +248,7 @@ class HttpConnector:
             and (url.scheme, url.host, url.port) != (prefix.scheme, prefix.host, prefix.port)
         ):
             raise ConnectorRejected(f"{self._tool}: resource {call.resource!r} is not on the host of the tool's prefix")
-        return url, method
+        return url, target, method
 
     def _read(self, response: httpx.Response, deadline: float) -> tuple[bytes, bool]:
         """At most ``max_response_bytes`` of the body, and whether there was more; gives up at the deadline."""

@@ -10,7 +10,7 @@ Existing rows are filled where it can be done without doubt: from the action of 
 row's ``action_digest``. A row left NULL is refused by the executor (``action.unreadable``).
 
 Revision ID: 0006
-Revises: 0008
+Revises: 0009
 Create Date: 2026-12-04
 """
 
@@ -26,7 +26,7 @@ from sqlalchemy.dialects import postgresql
 from pdp.canonical import canonical_json, digest_of, loads
 
 revision: str = "0006"
-down_revision: str | None = "0008"  # chained after main's 0008 (agent breakers)
+down_revision: str | None = "0009"  # chained after main's head (0009 pending indexes)
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
+from pdp.approvals.listing import DEFAULT_PAGE, MAX_CURSOR, MAX_PAGE
 from pdp.approvals.service import (
     MAX_TEXT,
     ApprovalService,
@@ -54,9 +55,19 @@ class Requirement(BaseModel):
         return cls(source=r.source, groups=list(r.groups), min_approvals=r.min_approvals, approvals=r.approvals)
 
 
+AgentStatus = Literal["active", "revoked"]
+
+
+def _status(revoked_at: datetime | None) -> AgentStatus:
+    return "revoked" if revoked_at is not None else "active"
+
+
 class PendingProposal(BaseModel):
     id: str
     agent_id: str
+    # "revoked": the agent's token was revoked; its proposals cannot be decided (votes get 409).
+    agent_status: AgentStatus
+    agent_revoked_at: datetime | None
     owner: str
     tool: str
     operation: str
@@ -71,6 +82,8 @@ class PendingProposal(BaseModel):
         return cls(
             id=item.proposal_id,
             agent_id=item.agent_id,
+            agent_status=_status(item.agent_revoked_at),
+            agent_revoked_at=item.agent_revoked_at,
             owner=item.owner,
             tool=item.tool,
             operation=item.operation,
@@ -84,6 +97,9 @@ class PendingProposal(BaseModel):
 
 class PendingList(BaseModel):
     proposals: list[PendingProposal]
+    # Opaque; pass as ?cursor= for the next (newer) or previous (older) page. null: there is none.
+    next_cursor: str | None = None
+    prev_cursor: str | None = None
 
 
 class Approval(BaseModel):
@@ -120,6 +136,8 @@ class Detail(BaseModel):
     id: str
     state: str
     agent_id: str
+    agent_status: AgentStatus
+    agent_revoked_at: datetime | None
     owner: str
     action: dict[str, Any]
     justification: Justification
@@ -143,6 +161,8 @@ class Detail(BaseModel):
             id=d.proposal_id,
             state=d.state,
             agent_id=d.agent_id,
+            agent_status=_status(d.agent_revoked_at),
+            agent_revoked_at=d.agent_revoked_at,
             owner=d.owner,
             action=d.action,
             justification=Justification(text=d.justification),
@@ -260,9 +280,18 @@ def list_proposals(
     state: Annotated[
         Literal["pending_approval"], Query(description="the only supported filter: proposals awaiting a decision")
     ] = "pending_approval",
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="proposals per page")] = DEFAULT_PAGE,
+    cursor: Annotated[
+        str | None, Query(max_length=MAX_CURSOR, description="`next_cursor` or `prev_cursor` of a page")
+    ] = None,
 ) -> PendingList:
-    """Pending proposals this approver may decide, oldest first."""
-    return PendingList(proposals=[PendingProposal.of(item) for item in service.pending(approver)])
+    """Pending proposals this approver may decide, oldest first, one page at a time."""
+    page = service.pending_page(approver, limit, cursor)
+    return PendingList(
+        proposals=[PendingProposal.of(item) for item in page.items],
+        next_cursor=page.next_cursor,
+        prev_cursor=page.prev_cursor,
+    )
 
 
 @router.get("/proposals/{id}", response_model=Detail, responses=_errors(401, 404, 422))

@@ -1,7 +1,9 @@
 """The approvers' HTML pages: sign in, the pending list, a proposal's detail, approve and reject.
 
-Server-rendered with Jinja2 (autoescape on: every agent-supplied string is text, never markup), no build step
-and no external assets. Sessions and CSRF live in :mod:`pdp.admin.sessions`; every request re-loads the
+Server-rendered with Jinja2 (autoescape on: every agent-supplied string is text, never markup; and every
+interpolated string passes :func:`~pdp.admin.reveal.reveal` first, so bidi controls and other invisible
+characters show as ``⟦U+202E⟧`` markers), no build step and no external assets.
+ Sessions and CSRF live in :mod:`pdp.admin.sessions`; every request re-loads the
 approver, so a revoked approver is signed out on their next click. Errors are rendered by
 :func:`error_page`, which :mod:`pdp.admin.app` calls for every typed error raised on a page route.
 """
@@ -14,21 +16,34 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 import jinja2
-from fastapi import APIRouter, Depends, Form, Request
+import markupsafe
+from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from pdp.admin import sessions
 from pdp.admin.api import proposal_id, service_of
+from pdp.admin.reveal import reveal
 from pdp.admin.sessions import Session
+from pdp.approvals.listing import DEFAULT_PAGE, MAX_CURSOR, MAX_PAGE
 from pdp.approvals.service import MAX_TEXT
 from pdp.errors import NotFound, PermissionDenied, Unauthenticated
 from pdp.identity.approvers import Approver
 
+
+def _finalize(value: Any) -> Any:
+    """Every ``{{ … }}`` string, before it is escaped: hidden characters become visible markers."""
+    if isinstance(value, str) and not isinstance(value, markupsafe.Markup):
+        return reveal(value)
+    return value
+
+
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
     autoescape=True,  # all templates are HTML; never rely on the file extension to turn escaping on
+    finalize=_finalize,
     undefined=jinja2.StrictUndefined,
     trim_blocks=True,
     lstrip_blocks=True,
@@ -183,8 +198,21 @@ def logout(request: Request, user: UserDep, csrf_token: CsrfField = "") -> Respo
 
 
 @router.get("/")
-def pending(request: Request, user: UserDep) -> Response:
-    return render(request, "list.html", items=service_of(request).pending(user.approver))
+def pending(
+    request: Request,
+    user: UserDep,
+    cursor: Annotated[str | None, Query(max_length=MAX_CURSOR)] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+) -> Response:
+    page = service_of(request).pending_page(user.approver, limit, cursor)
+    size = {"limit": limit} if limit != DEFAULT_PAGE else {}
+
+    def link(position: str | None) -> str:
+        return f"/?{urlencode({'cursor': position, **size})}" if position is not None else ""
+
+    return render(
+        request, "list.html", items=page.items, prev_link=link(page.prev_cursor), next_link=link(page.next_cursor)
+    )
 
 
 @router.get("/proposals/{id}")

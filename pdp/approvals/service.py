@@ -22,7 +22,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Connection, Engine, insert, select, update
 
-from pdp.approvals import quorum
+from pdp.approvals import listing, quorum
 from pdp.approvals.quorum import APPROVE, REJECT, Vote
 from pdp.audit import chain
 from pdp.audit.chain import Event
@@ -32,7 +32,9 @@ from pdp.execution import tickets
 from pdp.governance import limits
 from pdp.governance import store as governance_store
 from pdp.governance.release import release_agent
+from pdp.identity.agents import revoked_at
 from pdp.identity.approvers import Approver, active_approver, authenticate_approver
+from pdp.identity.names import same_identity
 from pdp.observability import logs, metrics, tracing
 from pdp.policy.bundle import ActiveBundle
 from pdp.policy.decision import Decision, Outcome
@@ -47,7 +49,6 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 MAX_TEXT = 4096
-MAX_LISTED = 500
 PENDING = ProposalState.PENDING_APPROVAL
 
 
@@ -79,6 +80,17 @@ class PendingItem:
     expires_at: datetime | None
     seconds_left: int
     requirements: tuple[RequirementView, ...]
+    # Set when the agent was revoked: its proposals can no longer be decided (shown, not hidden).
+    agent_revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingPage:
+    """One page of the pending list, with opaque cursors to the pages around it (None: no such page)."""
+
+    items: list[PendingItem]
+    next_cursor: str | None
+    prev_cursor: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +116,7 @@ class ProposalDetail:
     # Whether this approver may vote now, and if not, why.
     can_vote: bool
     why_not: str
+    agent_revoked_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,23 +243,28 @@ class ApprovalService:
     # --- reads -------------------------------------------------------------------------------------
 
     def pending(self, approver: Approver) -> list[PendingItem]:
-        """Pending proposals this approver may decide, oldest first; overdue ones are expired on the way."""
+        """The first page of :meth:`pending_page`."""
+        return self.pending_page(approver).items
+
+    def pending_page(
+        self, approver: Approver, limit: int = listing.DEFAULT_PAGE, cursor: str | None = None
+    ) -> PendingPage:
+        """One page of the pending proposals this approver may decide, oldest first.
+
+        Reads at most ``limit`` + 1 proposal rows (and their votes), whatever the number pending. Proposals
+        past their deadline are left out; the sweeper expires them within a second.
+        """
         now = self._clock()
+        position = listing.Cursor.decode(cursor) if cursor else None
         with self._reader.connect() as conn:
-            rows = conn.execute(
-                select(proposals).where(proposals.c.state == PENDING.value).order_by(proposals.c.created_at)
-            ).mappings()
-            records = [ProposalRecord.from_row(r) for r in rows]
-            overdue_ids = {r.id for r in records if overdue(r, now)}
-            live = [r for r in records if r.id not in overdue_ids]
-            all_votes = _votes(conn, [r.id for r in live])
+            page = listing.pending_page(conn, approver, now, listing.check_limit(limit), position)
+            records = [(ProposalRecord.from_row(row._mapping), row.agent_revoked_at) for row in page.rows]
+            all_votes = _votes(conn, [record.id for record, _ in records])
         items: list[PendingItem] = []
-        for record in live:
+        for record, agent_revoked_at in records:
             votes = [vote for vote, _ in all_votes[record.id]]
             if quorum.ineligible(approver, _owner(record), record.decision.approval_requirements, votes):
-                continue
-            if len(items) == MAX_LISTED:  # the approver's own list is capped, after filtering
-                break
+                continue  # what SQL could not see: identities compared by their identity key
             action = record.action
             items.append(
                 PendingItem(
@@ -260,11 +278,14 @@ class ApprovalService:
                     expires_at=record.decision.approval_expires_at,
                     seconds_left=_seconds_left(record, now),
                     requirements=_requirements(record.decision, votes),
+                    agent_revoked_at=agent_revoked_at,
                 )
             )
-        if overdue_ids:
-            self.expire_due()
-        return items
+        return PendingPage(
+            items,
+            page.next.encode() if page.next else None,
+            page.prev.encode() if page.prev else None,
+        )
 
     def detail(self, approver: Approver, proposal_id: str) -> ProposalDetail:
         """Everything an approver needs to decide. Any approver may read any proposal; voting is narrower."""
@@ -274,6 +295,7 @@ class ApprovalService:
         if overdue(record, now):
             record = self._writer.submit(lambda conn: expire_if_due(conn, proposal_id, now)[0]).result()
         with self._reader.connect() as conn:
+            agent_revoked_at = revoked_at(conn, record.agent_id)
             votes = _votes(conn, [proposal_id])[proposal_id]
             timeline = conn.execute(
                 select(audit_events.c.seq, audit_events.c.type, audit_events.c.actor, audit_events.c.body)
@@ -284,6 +306,8 @@ class ApprovalService:
         why_not = ""
         if record.state is not PENDING:
             why_not = f"the proposal is {record.state.value}, not pending approval"
+        elif agent_revoked_at is not None:
+            why_not = _revoked(record.agent_id, agent_revoked_at)
         else:
             why_not = quorum.ineligible(approver, _owner(record), record.decision.approval_requirements, plain) or ""
         decision = record.decision
@@ -307,6 +331,7 @@ class ApprovalService:
             timeline=tuple(TimelineEntry(t.seq, t.type, t.actor, _occurred_at(t.body)) for t in timeline),
             can_vote=not why_not,
             why_not=why_not,
+            agent_revoked_at=agent_revoked_at,
         )
 
     # --- votes -------------------------------------------------------------------------------------
@@ -338,6 +363,11 @@ class ApprovalService:
         if expired:
             return VoteResult(
                 record.id, record.state.value, _requirements(record.decision, votes), (), record.created_at
+            )
+        agent_revoked_at = revoked_at(conn, record.agent_id)  # under the chain's lock, like revocation itself
+        if agent_revoked_at is not None:  # even if a row was left pending: a revoked agent's work is never approved
+            raise FailedPrecondition(
+                f"proposal {proposal_id} cannot be decided: {_revoked(record.agent_id, agent_revoked_at)}"
             )
         if record.state is not PENDING:
             raise FailedPrecondition(f"proposal {proposal_id} is {record.state.value}, not pending approval")
@@ -486,7 +516,7 @@ class ApprovalService:
 
         def unit(conn: Connection) -> None:
             owner = conn.execute(select(agents.c.owner).where(agents.c.id == agent_id)).scalar()
-            if owner == approver.id:
+            if owner is not None and same_identity(owner, approver.id):
                 raise PermissionDenied("separation of duties: the agent's owner may not release it")
             release_agent(conn, agent_id, f"approver:{approver.id}", self._clock())
 
@@ -534,6 +564,10 @@ def _text(field: str, value: str, *, required: bool) -> str:
     if "\x00" in value:
         raise InvalidArgument(field, "contains a NUL character")
     return value
+
+
+def _revoked(agent_id: str, at: datetime) -> str:
+    return f"its agent {agent_id!r} was revoked at {timestamp(at)}"
 
 
 def _occurred_at(body: str) -> str:

@@ -5,7 +5,14 @@ Event types (``type``), fixed because auditors' queries and the views in migrati
     proposal.decided    the proposal as received and its decision: action, justification, decision
                         (outcome, reasons, boundary, tier, approval requirements), decision_input
                         (agent snapshot, now, environment, usage), initial state, idempotency key
-    proposal.cancelled  the agent withdrew a pending proposal
+    proposal.cancelled  the agent withdrew a pending proposal (actor ``agent:<id>``), or its agent was revoked
+                        (actor the operator, e.g. ``cli:<user>``; ``reason: agent revoked``; ``from_state``
+                        PENDING_APPROVAL or APPROVED)
+
+Identities (``agent_id`` set, no ``proposal_id``):
+
+    agent.revoked       an operator revoked the agent (``revoked_by``); its token stops working, and the
+                        ``proposal.cancelled`` events that follow in the same transaction stop its work
 
 Execution (recorded by the executor; ``data`` always has ``tool``, ``resource`` and ``attempt``):
 
@@ -42,6 +49,7 @@ if TYPE_CHECKING:
 
 DECIDED = "proposal.decided"
 CANCELLED = "proposal.cancelled"
+AGENT_REVOKED = "agent.revoked"
 
 
 def proposal_decided(record: ProposalRecord, ticket: SignedTicket | None = None) -> Event:
@@ -77,4 +85,29 @@ def proposal_cancelled(record: ProposalRecord, at: datetime) -> Event:
         agent_id=record.agent_id,
         policy_version=record.decision.policy_version,
         data={"from_state": "PENDING_APPROVAL", "to_state": record.state.value},
+    )
+
+
+def proposal_cancelled_by(
+    proposal_id: str, agent_id: str, policy_version: str, *, from_state: str, actor: str, at: datetime, reason: str
+) -> Event:
+    """A proposal cancelled by someone other than its agent, and why."""
+    return Event(
+        type=CANCELLED,
+        actor=actor,
+        occurred_at=at,
+        proposal_id=proposal_id,
+        agent_id=agent_id,
+        policy_version=policy_version,
+        data={"from_state": from_state, "to_state": "CANCELLED", "reason": reason},
+    )
+
+
+def agent_revoked(agent_id: str, actor: str, at: datetime) -> Event:
+    return Event(
+        type=AGENT_REVOKED,
+        actor=actor,
+        occurred_at=at,
+        agent_id=agent_id,
+        data={"agent_id": agent_id, "revoked_by": actor},
     )

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pdp.cli.terminal import visible
 from pdp.config import add_arguments, from_args
 from pdp.errors import PdpError
 from pdp.governance.release import release_agent
@@ -51,8 +52,13 @@ def register(commands: Any) -> None:
     add_arguments(ls, ("database_url",))
     ls.set_defaults(handler=run_list)
 
-    revoke = sub.add_parser("revoke", help="revoke an agent's token; effective on its next request")
+    revoke = sub.add_parser(
+        "revoke",
+        help="revoke an agent: its token stops working, and its proposals pending approval or approved but not "
+        "yet executing are cancelled (audited)",
+    )
     revoke.add_argument("id")
+    revoke.add_argument("--by", default="", help="who revokes it, for the audit log (default: the OS user)")
     add_arguments(revoke, ("database_url",))
     revoke.set_defaults(handler=run_revoke)
 
@@ -76,7 +82,8 @@ def run_add(args: argparse.Namespace) -> int:
     except PdpError as exc:
         print(f"pdp agents add: {exc.message}", file=sys.stderr)
         return 1
-    print(f"agent {args.id} created (owner {args.owner}, roles {','.join(args.roles) or '-'}); its token, shown once:")
+    roles = visible(",".join(args.roles)) or "-"
+    print(f"agent {args.id} created (owner {args.owner}, roles {roles}); its token, shown once:")
     print(token)
     return 0
 
@@ -87,19 +94,26 @@ def run_list(args: argparse.Namespace) -> int:
     for record in list_agents(engine):
         agent = record.identity
         status = f"revoked {record.revoked_at:%Y-%m-%d %H:%M}" if record.revoked_at else "active"
-        roles = ",".join(agent.roles)
-        print(f"{agent.id:<24} {agent.owner:<16} {roles:<24} {record.created_at:%Y-%m-%d %H:%M:%S}  {status}")
+        roles = visible(",".join(agent.roles))
+        agent_id, owner = visible(agent.id), visible(agent.owner)
+        print(f"{agent_id:<24} {owner:<16} {roles:<24} {record.created_at:%Y-%m-%d %H:%M:%S}  {status}")
     return 0
 
 
 def run_revoke(args: argparse.Namespace) -> int:
-    engine = create_db_engine(from_args(args).database_url)
+    by = args.by or os.environ.get("USER") or "unknown"
+    engine = create_db_engine(from_args(args).database_url, writer=True, pool_size=1)
     try:
-        revoke_agent(engine, args.id)
+        done = revoke_agent(engine, args.id, f"cli:{by}")
     except PdpError as exc:
         print(f"pdp agents revoke: {exc.message}", file=sys.stderr)
         return 1
-    print(f"agent {args.id} revoked")
+    finally:
+        engine.dispose()
+    when = "" if done.newly_revoked else f" (already since {done.revoked_at:%Y-%m-%d %H:%M:%S})"
+    print(f"agent {visible(args.id)} revoked{when}; {len(done.cancelled)} proposal(s) cancelled")
+    for proposal_id in done.cancelled:
+        print(f"  cancelled {proposal_id}")
     return 0
 
 
@@ -114,7 +128,7 @@ def run_release(args: argparse.Namespace) -> int:
         return 1
     finally:
         engine.dispose()
-    print(f"agent {args.id} released from quarantine")
+    print(f"agent {visible(args.id)} released from quarantine")
     return 0
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from pdp.cli.agents import csv
+from pdp.cli.terminal import visible
 from pdp.config import add_arguments, from_args
 from pdp.errors import PdpError
 from pdp.identity.approvers import add_approver, check_groups, list_approvers, revoke_approver, set_groups
@@ -20,7 +21,11 @@ def register(commands: Any) -> None:
     sub = parser.add_subparsers(dest="approvers_command", required=True, metavar="COMMAND")
 
     add = sub.add_parser("add", help="create an approver; prints their token once, alone on the last line")
-    add.add_argument("id", help="the person's login; separation of duties compares it with agents' owners")
+    add.add_argument(
+        "id",
+        help="the person's login (lowercase ASCII letters, digits, . _ - @ +); separation of duties compares it "
+        "with agents' owners",
+    )
     add.add_argument("--groups", required=True, type=csv, help="comma-separated approver groups")
     add.add_argument("--name", default="", help="display name (default: the id)")
     add_arguments(add, ("database_url",))
@@ -75,8 +80,9 @@ def run_list(args: argparse.Namespace) -> int:
     for record in records:
         approver = record.approver
         status = f"revoked {record.revoked_at:%Y-%m-%d %H:%M}" if record.revoked_at else "active"
-        groups = ",".join(sorted(approver.groups)) or "-"
-        print(f"{approver.id:<24} {approver.name:<24} {groups:<32} {record.created_at:%Y-%m-%d %H:%M:%S}  {status}")
+        groups = visible(",".join(sorted(approver.groups))) or "-"
+        approver_id, name = visible(approver.id), visible(approver.name)
+        print(f"{approver_id:<24} {name:<24} {groups:<32} {record.created_at:%Y-%m-%d %H:%M:%S}  {status}")
     return 0
 
 
@@ -86,7 +92,7 @@ def run_revoke(args: argparse.Namespace) -> int:
         revoke_approver(engine, args.id)
     except (PdpError, SQLAlchemyError) as exc:
         return _fail("revoke", exc)
-    print(f"approver {args.id} revoked")
+    print(f"approver {visible(args.id)} revoked")
     return 0
 
 
@@ -99,5 +105,5 @@ def run_groups(args: argparse.Namespace) -> int:
         groups = set_groups(engine, args.id, args.add, args.remove)
     except (PdpError, SQLAlchemyError) as exc:
         return _fail("groups", exc)
-    print(f"approver {args.id} groups: {','.join(groups) or '-'}")
+    print(f"approver {visible(args.id)} groups: {visible(','.join(groups)) or '-'}")
     return 0

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from pdp.cli import agents, approvers, audit, db, policy, propose, serve
+from pdp.cli.terminal import guard_streams
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    guard_streams()  # recorded text is printed as text, never as terminal control sequences
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     code: int = args.handler(args)

@@ -1,23 +1,22 @@
 """Approver identities in the database: add, list, revoke, change groups, authenticate.
 
 Approvers are people. Their id is what separation of duties compares with an agent's ``owner``, so
-use the same naming for both (e.g. the person's login).
+use the same naming for both (e.g. the person's login). Ids and group names follow
+:mod:`pdp.identity.names`: canonical when created, compared by :func:`~pdp.identity.names.identity_key`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
-from pdp.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
+from pdp.errors import AlreadyExists, NotFound, Unauthenticated
+from pdp.identity.names import check_display_name, check_group, check_id, colliding, identity_key
 from pdp.identity.tokens import new_token, token_hash
 from pdp.store.models import approvers
-
-_GROUP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,22 +34,25 @@ class ApproverRecord:
 
 
 def check_groups(groups: Iterable[str]) -> list[str]:
-    result = sorted({g.strip() for g in groups if g.strip()})
-    for group in result:
-        if not _GROUP.match(group):
-            raise InvalidArgument("groups", f"{group!r} is not a group name (letters, digits, _ . -)")
-    return result
+    """Canonical group names, sorted and de-duplicated (blanks around a comma-separated name are dropped)."""
+    return sorted({check_group(g.strip()) for g in groups if g.strip()})
 
 
 def add_approver(engine: Engine, approver_id: str, groups: Iterable[str], name: str = "") -> str:
-    """Create an approver and return the token: the only time it exists in clear."""
-    if not approver_id.strip() or len(approver_id) > 200:
-        raise InvalidArgument("id", "must be 1 to 200 characters")
+    """Create an approver and return the token: the only time it exists in clear.
+
+    The id must be canonical, and not the same identity as an existing approver (``Alice`` when ``alice``
+    exists, say: separation of duties and one-vote-each compare identities, not spellings).
+    """
+    check_id("id", approver_id)
+    check_display_name(name)
     checked = check_groups(groups)
     token = new_token()
     with engine.begin() as conn:
-        if conn.execute(select(approvers.c.id).where(approvers.c.id == approver_id)).first() is not None:
-            raise AlreadyExists(f"approver {approver_id!r} already exists")
+        same = colliding(approver_id, conn.execute(select(approvers.c.id)).scalars())
+        if same is not None:
+            taken = "already exists" if same == approver_id else f"would be confused with existing approver {same!r}"
+            raise AlreadyExists(f"approver {approver_id!r} {taken}")
         conn.execute(
             insert(approvers).values(
                 id=approver_id,
@@ -88,13 +90,20 @@ def revoke_approver(engine: Engine, approver_id: str) -> None:
 
 
 def set_groups(engine: Engine, approver_id: str, add: Iterable[str] = (), remove: Iterable[str] = ()) -> list[str]:
-    """Change an approver's group membership; returns the new groups."""
-    adding, removing = set(check_groups(add)), set(check_groups(remove))
+    """Change an approver's group membership; returns the new groups.
+
+    Groups to join must be canonical; a group to leave matches by identity key, so a group stored before
+    the naming rule (``Ops``) can still be left.
+    """
+    adding = set(check_groups(add))
+    removing = {identity_key(g) for g in remove if g.strip()}
     with engine.begin() as conn:
         row = conn.execute(select(approvers.c.groups).where(approvers.c.id == approver_id)).first()
         if row is None:
             raise NotFound(f"approver {approver_id!r} does not exist")
-        groups = sorted((set(row.groups) | adding) - removing)
+        kept = {g for g in row.groups if identity_key(g) not in removing}
+        held = {identity_key(g) for g in kept}
+        groups = sorted(kept | {g for g in adding if identity_key(g) not in removing | held})
         conn.execute(update(approvers).where(approvers.c.id == approver_id).values(groups=groups))
     return groups
 

@@ -77,6 +77,7 @@ class ToolSpec(_Strict):
     resource_prefix: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
     operations: dict[Name, Literal["read", "write"]] = Field(min_length=1)
     idempotent: bool = False
+    query: bool = False  # resources may carry a query string (?…); policy then sees it in action.resource
 
 
 class ToolsDoc(_Doc):

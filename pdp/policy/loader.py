@@ -417,6 +417,7 @@ class _Loader:
                     resource_prefix=spec.resource_prefix,
                     operations={op: Kind(kind) for op, kind in spec.operations.items()},
                     idempotent=spec.idempotent,
+                    query=spec.query,
                 )
         return tools
 

@@ -25,6 +25,7 @@ from pdp.execution.tickets import SignedTicket
 from pdp.governance import limits
 from pdp.governance import store as governance_store
 from pdp.governance.limits import Hit
+from pdp.governance.pending import DEFAULT_MAX_PENDING, cap_pending
 from pdp.identity.agents import Caller, TokenCache, authenticate, require_active
 from pdp.observability.metrics import approval_finished, limit_hit
 from pdp.policy.bundle import ActiveBundle, PolicyBundle
@@ -56,6 +57,7 @@ class ProposalService:
         ticket_ttl: timedelta = tickets.DEFAULT_TTL,
         circuits: CircuitBoard | None = None,
         notifier: Notifier | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
         clock: Clock = utc_now,
     ) -> None:
         self._engine = engine
@@ -66,6 +68,7 @@ class ProposalService:
         self._ticket_ttl = ticket_ttl
         self._circuits = circuits
         self._notifier = notifier
+        self._max_pending = max_pending
         self._clock = clock
         self._tokens = TokenCache()
 
@@ -108,7 +111,8 @@ class ProposalService:
         """Decide now; the future resolves once the proposal and its decision are durable.
 
         The token is re-checked inside the recording transaction, so a revoked agent records nothing.
-        Limits are applied inside that transaction (see pdp/governance/limits.py). A bundle that reads
+        Limits are applied inside that transaction (see pdp/governance/limits.py), then the cap on the
+        agent's pending proposals (pdp/governance/pending.py). A bundle that reads
         ``usage`` is decided there too, so the counters it sees are exact.
         """
         bundle = self._bundles.current  # this request finishes on this bundle, whatever reloads meanwhile
@@ -141,6 +145,7 @@ class ProposalService:
                 exact = replace(request, usage=governance_store.usage(conn, agent.id, now))
                 ruled = self._decide(bundle, exact)
             governed = limits.apply(conn, bundle, exact, ruled, action_digest, proposal_id)
+            cap_pending(conn, agent.id, now, governed, self._max_pending)  # one query, for needs-approval only
             final = governed.decision
             if final.outcome is not Outcome.ALLOW:
                 ticket = None

@@ -127,6 +127,11 @@ async def start(config: Config) -> RunningServer:
         ticket_ttl = parse_duration(config.ticket_ttl)
     except ValueError as exc:
         raise StartupError(f"ticket_ttl: {exc}") from exc
+    max_pending = _positive(config.max_pending_per_agent)
+    if max_pending is None:
+        raise StartupError(
+            f"max_pending_per_agent must be a whole number of at least 1, not {config.max_pending_per_agent!r}"
+        )
     if config.policy_reload not in RELOAD_MODES:
         raise StartupError(f"policy_reload must be one of {', '.join(RELOAD_MODES)}, not {config.policy_reload!r}")
     # Once per process (a later call only adds a new endpoint); spans exist, for log lines, even when not exported.
@@ -173,7 +178,15 @@ async def start(config: Config) -> RunningServer:
     bundles = ActiveBundle(bundle)
     reloader = _reloader(config, bundles, writer)
     service = ProposalService(
-        reader, writer, bundles, config.environment, key, ticket_ttl=ticket_ttl, circuits=circuits, notifier=notifier
+        reader,
+        writer,
+        bundles,
+        config.environment,
+        key,
+        ticket_ttl=ticket_ttl,
+        circuits=circuits,
+        notifier=notifier,
+        max_pending=max_pending,
     )
     api = PolicyDecisionPointService(service, pool)
     server.add_generic_rpc_handlers((generic_handler(api),))
@@ -227,6 +240,11 @@ async def start(config: Config) -> RunningServer:
 
 
 RELOAD_MODES = ("watch", "sighup", "off")
+
+
+def _positive(value: str) -> int | None:
+    text = value.strip()
+    return int(text) if text.isascii() and text.isdigit() and int(text) >= 1 else None
 
 
 def _reloader(config: Config, bundles: ActiveBundle, writer: GroupCommitWriter) -> BundleReloader | None:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     UniqueConstraint,
     false,
     func,
+    text,
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
@@ -78,6 +79,9 @@ class Agent(Base):
     revoked_at: Mapped[datetime | None]
 
 
+_PENDING = "state = 'PENDING_APPROVAL'"
+
+
 class Proposal(Base):
     """One action proposal, its decision, and its current state."""
 
@@ -86,6 +90,22 @@ class Proposal(Base):
         UniqueConstraint("agent_id", "idempotency_key"),
         Index("ix_proposals_agent_id_created_at", "agent_id", "created_at"),
         Index("ix_proposals_state", "state"),
+        # Partial: only proposals waiting for approval (the pending cap, the approvers' paginated list).
+        Index(
+            "ix_proposals_pending_agent",
+            "agent_id",
+            "approval_expires_at",
+            sqlite_where=text(_PENDING),
+            postgresql_where=text(_PENDING),
+        ),
+        Index(
+            "ix_proposals_pending_created",
+            "state",  # leading, with the ORDER BY after it: the planner then prefers this index to ix_proposals_state
+            "created_at",
+            "id",
+            sqlite_where=text(_PENDING),
+            postgresql_where=text(_PENDING),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
