@@ -7,7 +7,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
@@ -18,7 +19,7 @@ from executor.connectors.base import Connector, ConnectorConfigError, ConnectorC
 from executor.connectors.registry import factory
 from executor.logs import configure_logging
 from executor.redaction import Redactor
-from executor.worker import Executor
+from executor.worker import Executor, utc_now
 from pdp.audit.keys import KeyFileError, load_public
 from pdp.observability import tracing
 from pdp.policy.catalog import Tool
@@ -50,7 +51,8 @@ def build_connectors(settings: Settings, catalog: dict[str, Tool]) -> dict[str, 
     return connectors
 
 
-def build(settings: Settings) -> Executor:
+def build(settings: Settings, *, clock: Callable[[], datetime] = utc_now) -> Executor:
+    """The executor ``settings`` describe; ``clock`` is its only source of time (tests move it)."""
     try:
         bundle = load_bundle(settings.policy_dir)
     except BundleError as exc:
@@ -78,6 +80,7 @@ def build(settings: Settings) -> Executor:
         connectors=connectors,
         public_key=public_key,
         redactor=redactor,
+        clock=clock,
     )
 
 

@@ -28,6 +28,7 @@ from executor import breakers, claims
 from executor.claims import Job, Lease, Outcome
 from executor.config import Settings
 from executor.connectors.base import Call, Connector, ConnectorError, ConnectorRejected, ConnectorTimeout
+from executor.isolation import SetAside
 from executor.redaction import Redactor
 from pdp.audit.chain import chain_writer
 from pdp.canonical import canonical_json
@@ -36,7 +37,7 @@ from pdp.observability.collectors import ExecutorState
 from pdp.observability.exposition import MetricsServer
 from pdp.policy.catalog import Tool
 from pdp.proposals.states import ProposalState
-from pdp.store.models import proposals
+from pdp.store.models import executions, proposals
 
 log = logging.getLogger("executor")
 
@@ -86,6 +87,7 @@ class Executor:
         self._clock = clock
         self.worker_id = settings.worker_id or default_worker_id()
         self._lease = Lease(self.worker_id, settings.lease)
+        self._aside = SetAside()  # rows that could not even be refused: skipped for a while, never holding the rest
         self._pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="executor-call")
         self._inflight: set[str] = set()
         self._lock = threading.Lock()
@@ -140,21 +142,25 @@ class Executor:
         return self._writes.submit(work).result()
 
     def _work_waiting(self, now: datetime) -> bool:
-        """Approved work no breaker holds back: the claim takes the write lock only for that."""
-        query = select(
-            exists().where(
-                proposals.c.state == ProposalState.APPROVED.value,
-                proposals.c.tool.in_(list(self._served)),
-                ~breakers.held(now),
-            )
+        """Approved work no breaker holds back and not set aside: the claim takes the write lock only for that."""
+        waiting = exists().where(
+            proposals.c.state == ProposalState.APPROVED.value,
+            proposals.c.tool.in_(list(self._served)),
+            ~breakers.held(now),
         )
+        aside = self._aside.ids(now)
+        if aside:  # set aside: not work until their pause ends
+            waiting = waiting.where(proposals.c.id.not_in(aside))
         with self._reader.connect() as conn:
-            return bool(conn.execute(query).scalar())
+            return bool(conn.execute(select(waiting)).scalar())
 
     def _abandoned_waiting(self, now: datetime) -> bool:
-        query = select(exists().where(claims.abandoned(now, self._served, self._catalog)))
+        waiting = exists().where(claims.abandoned(now, self._served, self._catalog))
+        aside = self._aside.ids(now)
+        if aside:
+            waiting = waiting.where(executions.c.proposal_id.not_in(aside))
         with self._reader.connect() as conn:
-            return bool(conn.execute(query).scalar())
+            return bool(conn.execute(select(waiting)).scalar())
 
     def _loop(self) -> None:
         next_recovery = 0.0
@@ -193,6 +199,7 @@ class Executor:
             catalog=self._catalog,
             public_key=self._public_key,
             limit=limit,
+            aside=self._aside,
         )
 
     def _recover(self, conn: Connection) -> list[Job]:
@@ -205,6 +212,7 @@ class Executor:
             public_key=self._public_key,
             max_attempts=self._settings.max_attempts,
             backoff=self._settings.retry_backoff,
+            aside=self._aside,
         )
 
     def _heartbeat(self) -> None:

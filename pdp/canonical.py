@@ -2,8 +2,14 @@
 
 Objects have their keys sorted by UTF-16 code units, there is no insignificant whitespace, strings are
 escaped as ECMAScript's JSON.stringify does (only ``"``, ``\\`` and control characters), numbers are
-written as ECMAScript writes IEEE doubles, and the result is UTF-8. Integers must fit a double exactly
-(|n| <= 2**53); NaN and infinities are refused. ``docs/audit-format.md`` freezes these rules.
+written as ECMAScript writes IEEE doubles, and the result is UTF-8. An integer is a double too: one beyond
+2**53 is written as the double it equals (what RFC 8785 does after parsing it), and refused when no double
+equals it; NaN and infinities are refused. ``docs/audit-format.md`` freezes these rules.
+
+Canonicalising is idempotent across a database: PostgreSQL's JSONB gives ``1e16`` back as the integer
+10000000000000000, which is written exactly as the double was. :func:`loads` reads canonical text back
+into the values it was written from (such integers as doubles), so a stored canonical text can be run
+without being re-serialised.
 """
 
 from __future__ import annotations
@@ -16,6 +22,17 @@ from decimal import Decimal
 from typing import Any
 
 _MAX_EXACT_INT = 2**53
+
+
+def _exact_double(value: int) -> float:
+    """The double equal to ``value``; ValueError when none is (Python compares int and float exactly)."""
+    try:
+        double = float(value)
+    except OverflowError:
+        double = math.inf
+    if double != value:
+        raise ValueError(f"integer {value} does not fit a double exactly")
+    return double
 
 
 def _number(value: float) -> str:
@@ -53,9 +70,7 @@ def _encode(value: Any, out: list[str]) -> None:
     elif value is False:
         out.append("false")
     elif isinstance(value, int):
-        if abs(value) > _MAX_EXACT_INT:
-            raise ValueError(f"integer {value} does not fit a double exactly")
-        out.append(str(value))
+        out.append(str(value) if abs(value) <= _MAX_EXACT_INT else _number(_exact_double(value)))
     elif isinstance(value, float):
         out.append(_number(value))
     elif isinstance(value, dict):
@@ -93,14 +108,15 @@ def _normalised(value: Any) -> Any:
 
     C json differs from RFC 8785 in two places: it writes floats with Python's repr ("40.0", "1e-07")
     and sorts keys by code point. Integral floats become ints; any other float whose repr is not the
-    ECMAScript form, and any key with a character at or above U+E000 (where UTF-16 order and code
-    point order can disagree), sends the whole value to the exact encoder.
+    ECMAScript form, any integer beyond 2**53 (written as a double), and any key with a character at
+    or above U+E000 (where UTF-16 order and code point order can disagree), sends the whole value to
+    the exact encoder.
     """
     if isinstance(value, str) or value is None or isinstance(value, bool):
         return value
     if isinstance(value, int):
         if abs(value) > _MAX_EXACT_INT:
-            raise ValueError(f"integer {value} does not fit a double exactly")
+            raise _NeedsExactEncoder
         return value
     if isinstance(value, float):
         if value.is_integer() and abs(value) <= _MAX_EXACT_INT:
@@ -146,5 +162,32 @@ def timestamp(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def digest_of(canonical: bytes) -> str:
+    """SHA-256 (lowercase hex) of canonical JSON bytes already in hand: hash them, never re-serialise."""
+    return hashlib.sha256(canonical).hexdigest()
+
+
 def digest(value: Any) -> str:
-    return hashlib.sha256(canonical_json(value)).hexdigest()
+    return digest_of(canonical_json(value))
+
+
+def _integer(text: str) -> int | float:
+    value = int(text)
+    if abs(value) <= _MAX_EXACT_INT:
+        return value
+    double = float(text)  # the double these digits name, as any JSON reader of doubles rounds them
+    if not math.isfinite(double):
+        raise ValueError(f"{text[:40]}… is beyond the range of a double")
+    return double
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(text: str | bytes) -> Any:
+    """Canonical JSON back into the values it was written from: ``canonical_json(loads(t)) == t`` for any
+    canonical ``t``. Digits beyond 2**53 come back as the double they were written from (canonical JSON
+    writes such a double with its shortest digits, e.g. 2**68 as 295147905179352830000); NaN, Infinity and
+    digits beyond any double raise ValueError, as does anything that is not JSON."""
+    return json.loads(text, parse_int=_integer, parse_constant=_no_constant)

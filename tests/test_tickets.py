@@ -20,7 +20,7 @@ from execution import Stack, execution_stack, running_executor
 from sqlalchemy import delete, insert, select, update
 
 from pdp.audit.keys import init_key, load_private
-from pdp.canonical import digest
+from pdp.canonical import canonical_json, digest
 from pdp.execution import tickets
 from pdp.execution.tickets import TicketRefused
 from pdp.store.models import execution_tickets, proposals
@@ -52,7 +52,12 @@ def test_a_ticket_verifies_for_its_proposal_and_action() -> None:
     key = Ed25519PrivateKey.generate()
     ticket = _issue(key, ACTION)
     verified = tickets.verify(
-        key.public_key(), payload=ticket.payload, signature=ticket.signature, proposal_id="p1", action=ACTION, now=NOW
+        key.public_key(),
+        payload=ticket.payload,
+        signature=ticket.signature,
+        proposal_id="p1",
+        action_json=canonical_json(ACTION),
+        now=NOW,
     )
     assert verified.ticket_id == ticket.ticket_id and verified.outcome == "allow"
     assert ticket.expires_at == NOW + tickets.DEFAULT_TTL
@@ -90,7 +95,14 @@ def test_any_change_refuses_the_ticket(change: str, reason: str) -> None:
     else:
         signature = "not hex"
     with pytest.raises(TicketRefused) as refused:
-        tickets.verify(public, payload=payload, signature=signature, proposal_id=proposal_id, action=action, now=now)
+        tickets.verify(
+            public,
+            payload=payload,
+            signature=signature,
+            proposal_id=proposal_id,
+            action_json=canonical_json(action),
+            now=now,
+        )
     assert refused.value.reason == reason
 
 
@@ -209,7 +221,8 @@ def test_a_replayed_ticket_runs_nothing(setup: Setup) -> None:
     with setup.engine.begin() as conn:  # someone resets the proposal to run it again
         conn.execute(update(proposals).where(proposals.c.id == pid).values(state="APPROVED"))
     setup.execute_pending()
-    assert setup.state(pid) == "FAILED"
+    assert setup.state(pid) == "SUCCEEDED"  # the refusal is audited; the recorded result stands
+    assert setup.client.get(pid).execution.status == "SUCCEEDED"
     assert setup.refusals(pid) == ["ticket.consumed"]
     assert setup.target.count() == 1
 

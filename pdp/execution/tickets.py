@@ -4,9 +4,10 @@
 
 The payload names the proposal, the SHA-256 digest of its canonical action, the outcome that made
 it executable, the approvals, the policy version and a validity window. The executor trusts only the
-PDP's public key: it checks the signature over the stored payload bytes, recomputes the action digest
-from the stored action, and refuses a ticket that has expired. So a forged or edited ticket row, or an
-action edited after signing, runs nothing.
+PDP's public key: it checks the signature over the stored payload bytes, hashes the stored canonical
+action text (``proposals.action_json``, never a re-serialisation of the JSONB copy, whose numbers the
+database may rewrite), and refuses a ticket that has expired, on a retry too. So a forged or edited
+ticket row, or an action edited after signing, runs nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from pdp.audit.keys import key_id
-from pdp.canonical import canonical_json, digest, timestamp
+from pdp.canonical import canonical_json, digest_of, timestamp
 
 DOMAIN_TAG = b"agent-pdp/ticket/v1\n"
 DEFAULT_TTL = timedelta(minutes=10)
@@ -110,11 +111,11 @@ def verify(
     payload: str,
     signature: str,
     proposal_id: str,
-    action: dict[str, Any],
+    action_json: bytes,
     now: datetime,
-    check_expiry: bool = True,
 ) -> VerifiedTicket:
-    """Check a stored ticket against the stored proposal; raise :class:`TicketRefused` on any doubt."""
+    """Check a stored ticket against the stored proposal's canonical action bytes; raise :class:`TicketRefused`
+    on any doubt. Expiry holds for every attempt: a retry after the ticket expired is refused, not run late."""
     try:
         public_key.verify(bytes.fromhex(signature), DOMAIN_TAG + payload.encode("utf-8"))
     except (InvalidSignature, ValueError) as exc:
@@ -130,11 +131,11 @@ def verify(
         raise TicketRefused("ticket.malformed", "the signed ticket lacks a required field") from exc
     if ticket_proposal != proposal_id:
         raise TicketRefused("ticket.wrong_proposal", f"the ticket was issued for proposal {ticket_proposal}")
-    if digest(action) != ticket_digest:
+    if digest_of(action_json) != ticket_digest:
         raise TicketRefused("ticket.action_mismatch", "the stored action differs from the action the ticket permits")
     if outcome not in ("allow", "approved"):
         raise TicketRefused("ticket.malformed", f"the ticket's outcome {outcome!r} does not permit execution")
     # Fixed-width UTC timestamps (pdp.canonical.timestamp) compare correctly as strings.
-    if check_expiry and expires_at <= timestamp(now):
+    if expires_at <= timestamp(now):
         raise TicketRefused("ticket.expired", f"the ticket expired at {expires_at}")
     return VerifiedTicket(ticket_id, outcome, policy_version, expires_at)

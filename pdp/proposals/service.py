@@ -18,7 +18,7 @@ from sqlalchemy import Connection, Engine
 from pdp.approvals.notify import Notifier
 from pdp.approvals.service import expire_if_due, overdue
 from pdp.audit import chain, events
-from pdp.canonical import digest
+from pdp.canonical import canonical_json, digest_of
 from pdp.execution import tickets
 from pdp.execution.circuits import CircuitBoard, deny_if_open
 from pdp.execution.tickets import SignedTicket
@@ -123,7 +123,10 @@ class ProposalService:
         decision = self._decide(bundle, request) if decided_early else None
         action = proposal.action_document()
         proposal_id = str(uuid.uuid4())
-        action_digest = digest(action)
+        # Canonicalised once: these bytes are stored as they are (action_json), so the digest never depends
+        # on how the database gives the JSONB copy back.
+        action_json = canonical_json(action)
+        action_digest = digest_of(action_json)
         # Signed here when it can be: the writer thread is the bottleneck. Limits may still take it back.
         early_ticket = (
             self._ticket(proposal_id, action_digest, decision, now)
@@ -154,6 +157,7 @@ class ProposalService:
                 session_id=proposal.session_id,
                 idempotency_key=proposal.idempotency_key,
                 action=action,
+                action_json=action_json.decode("utf-8"),
                 action_digest=action_digest,
                 justification=proposal.justification,
                 state=INITIAL_STATE[final.outcome],

@@ -118,7 +118,11 @@ class Proposal(Base):
     resource: Mapped[str] = mapped_column(String(2048))
     # The full action as proposed (tool, operation, resource, params, estimated_cost_usd, labels).
     action: Mapped[dict[str, Any]]
-    # SHA-256 of the canonical JSON of `action`; approvals and tickets bind to it.
+    # The exact canonical JSON (RFC 8785) bytes the PDP digested: the form that runs and that approvals and
+    # tickets bind to. `action` is a queryable copy that the database may re-serialise (JSONB rewrites
+    # numbers), so nothing is digested or executed from it. NULL only on rows migration 0006 could not fill.
+    action_json: Mapped[str | None] = mapped_column(Text)
+    # SHA-256 of `action_json`; approvals and tickets bind to it.
     action_digest: Mapped[str] = mapped_column(String(64))
     justification: Mapped[str] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(32))

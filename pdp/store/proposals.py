@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, RowMapping, bindparam, select, update
 
+from pdp.canonical import loads
 from pdp.errors import AlreadyExists, FailedPrecondition, NotFound
 from pdp.policy.decision import Decision
 from pdp.proposals.states import ProposalState
@@ -46,6 +47,9 @@ class ProposalRecord:
     session_id: str
     idempotency_key: str
     action: dict[str, Any]
+    # The canonical JSON ``action_digest`` is the SHA-256 of: what runs (None: a legacy row migration 0006
+    # could not fill; the executor refuses it).
+    action_json: str | None
     action_digest: str
     justification: str
     state: ProposalState
@@ -68,6 +72,7 @@ class ProposalRecord:
             "operation": self.action["operation"],
             "resource": self.action["resource"],
             "action": self.action,
+            "action_json": self.action_json,
             "action_digest": self.action_digest,
             "justification": self.justification,
             "state": self.state.value,
@@ -89,7 +94,8 @@ class ProposalRecord:
             agent_id=row["agent_id"],
             session_id=row["session_id"],
             idempotency_key=row["idempotency_key"] or "",
-            action=row["action"],
+            action=_action(row),
+            action_json=row["action_json"],
             action_digest=row["action_digest"],
             justification=row["justification"],
             state=ProposalState(row["state"]),
@@ -101,6 +107,16 @@ class ProposalRecord:
             charged_usd=float(row.get("charged_usd") or 0.0),
             limited_by=row.get("limited_by"),
         )
+
+
+def _action(row: RowMapping) -> dict[str, Any]:
+    """The action as digested (from ``action_json``), not JSONB's re-serialised copy, which can differ in its
+    numbers (1e16 comes back as an integer, 1e300 as 301 digits). The copy serves only unreadable rows."""
+    try:
+        action = loads(row["action_json"])
+    except (TypeError, ValueError):
+        return row["action"]  # type: ignore[no-any-return]
+    return action if isinstance(action, dict) else row["action"]
 
 
 def _execution(row: RowMapping) -> ExecutionRecord | None:

@@ -1,0 +1,78 @@
+"""The action the executor runs: parsed from the bytes the PDP digested, never from the JSONB copy.
+
+``proposals.action_json`` holds the canonical JSON (RFC 8785) the action digest, and so the ticket, was
+taken over. The executor hashes exactly those bytes and runs exactly what they say. The JSONB ``action``
+column is a queryable copy (what the approval page, the agent and auditors' SQL read) that the database
+may re-serialise: PostgreSQL gives ``1e16`` back as an integer and ``1e300`` as 301 digits. So it is never
+digested or run, only required to say the same thing, number for number as doubles; a row where it does
+not was edited, and is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pdp.canonical import loads
+from pdp.execution.tickets import TicketRefused
+
+UNREADABLE = "action.unreadable"
+MISMATCH = "ticket.action_mismatch"
+
+
+def signed_action(text: object) -> tuple[bytes, dict[str, Any]]:
+    """(the bytes to check against the ticket, the action to run) from a row's ``action_json``.
+
+    Raises :class:`TicketRefused` (``action.unreadable``) when there is no such text, or it is not JSON
+    naming a tool, an operation, a resource and (if any) object params.
+    """
+    if not isinstance(text, str):
+        raise TicketRefused(UNREADABLE, "the proposal has no canonical action text (action_json)")
+    try:
+        raw = text.encode("utf-8")
+        action = loads(raw)
+    except (UnicodeError, ValueError) as exc:
+        raise TicketRefused(UNREADABLE, f"the proposal's action_json is not canonical JSON: {exc}") from None
+    if (
+        not isinstance(action, dict)
+        or not all(isinstance(action.get(key), str) for key in ("tool", "operation", "resource"))
+        or not isinstance(action.get("params", {}), dict)
+    ):
+        raise TicketRefused(UNREADABLE, "the proposal's action_json is not an action")
+    return raw, action
+
+
+def require_agreement(stored: Any, action: dict[str, Any]) -> None:
+    """TicketRefused unless the JSONB copy ``stored`` says what the digested ``action`` says."""
+    if not _agrees(stored, action):
+        raise TicketRefused(MISMATCH, "the stored action differs from the action the PDP digested and signed")
+
+
+def _agrees(stored: Any, exact: Any) -> bool:
+    if isinstance(exact, bool) or isinstance(stored, bool) or exact is None or isinstance(exact, str):
+        return type(stored) is type(exact) and stored == exact
+    if isinstance(exact, int | float):
+        return isinstance(stored, int | float) and _same_double(stored, exact)
+    if isinstance(exact, dict):
+        return (
+            isinstance(stored, dict)
+            and stored.keys() == exact.keys()
+            and all(_agrees(stored[key], value) for key, value in exact.items())
+        )
+    if isinstance(exact, list):
+        return (
+            isinstance(stored, list)
+            and len(stored) == len(exact)
+            and all(_agrees(s, e) for s, e in zip(stored, exact, strict=True))
+        )
+    return False
+
+
+def _same_double(stored: int | float, exact: int | float) -> bool:
+    """The numbers name the same double: JSONB keeps the decimal digits a double was written with, and
+    those digits read back as that double (-0 and 0 are one value in JSON, as in canonical JSON)."""
+    try:
+        value = float(stored)
+    except OverflowError:
+        return False
+    return math.isfinite(value) and value == float(exact)
