@@ -4,7 +4,8 @@ Event types (``type``), fixed because auditors' queries and the views in migrati
 
     proposal.decided    the proposal as received and its decision: action, justification, decision
                         (outcome, reasons, boundary, tier, approval requirements), decision_input
-                        (agent snapshot, now, environment, usage), initial state, idempotency key
+                        (agent snapshot, now, environment, usage), initial state, idempotency key;
+                        ``ticket`` when allowed, ``approval_request`` (signed) when it needs approval
     proposal.cancelled  the agent withdrew a pending proposal
 
 Execution (recorded by the executor; ``data`` always has ``tool``, ``resource`` and ``attempt``):
@@ -30,20 +31,55 @@ Policy hot reload (recorded by ``pdp serve``; actor ``pdp``; ``data.reason`` is 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pdp.audit.chain import Event
 from pdp.store.proposals import ProposalRecord
 
 if TYPE_CHECKING:
+    from pdp.approvals.signed import Signed
     from pdp.execution.tickets import SignedTicket
 
 DECIDED = "proposal.decided"
 CANCELLED = "proposal.cancelled"
+GRANTED = "approval.granted"
+REJECTED = "approval.rejected"
+VOTES = (GRANTED, REJECTED)
+
+# The state an event leaves its proposal in, where the type alone says it. Every other event that changes a
+# proposal's state carries ``data.to_state`` (``proposal.decided``: ``data.state``); a new kind of transition
+# must do the same, or `pdp audit verify` reports the proposal's row as disagreeing with its events.
+_STATE_OF_TYPE = {
+    "execution.started": "EXECUTING",
+    "execution.succeeded": "SUCCEEDED",
+    "execution.failed": "FAILED",
+    "execution.unknown": "UNKNOWN",
+    "execution.refused": "FAILED",
+}
 
 
-def proposal_decided(record: ProposalRecord, ticket: SignedTicket | None = None) -> Event:
+def state_after(event_type: str, data: Mapping[str, Any]) -> str | None:
+    """The proposal state this event records a transition to, or None when it changes no state."""
+    if event_type == DECIDED:
+        state = data.get("state")
+        return state if isinstance(state, str) else None
+    to_state = data.get("to_state")
+    if isinstance(to_state, str):
+        return to_state
+    return _STATE_OF_TYPE.get(event_type)
+
+
+def body_needed(event_type: str) -> bool:
+    """Whether :func:`state_after` (and the approval history) must read the event's data: not for the executor's
+    events, whose type says it all (they are most of a busy chain)."""
+    return not event_type.startswith("execution.")
+
+
+def proposal_decided(
+    record: ProposalRecord, ticket: SignedTicket | None = None, request: Signed | None = None
+) -> Event:
     data = {
         "action": record.action,
         "action_digest": record.action_digest,
@@ -56,6 +92,8 @@ def proposal_decided(record: ProposalRecord, ticket: SignedTicket | None = None)
     }
     if ticket is not None:
         data["ticket"] = ticket.audit()
+    if request is not None:  # what the approvers' quorum is computed from (pdp.approvals.signed)
+        data["approval_request"] = request.audit()
     return Event(
         type=DECIDED,
         actor=f"agent:{record.agent_id}",
