@@ -5,6 +5,10 @@ every hash and link recomputes, seq is contiguous from 1, each row's indexed col
 hashed body, every checkpoint (database and file) carries a valid signature and names a head the chain
 actually had. Only the file of checkpoints, kept outside the database, catches a full rewrite with
 recomputed hashes or a truncated tail.
+
+Then (:mod:`pdp.audit.rows`) it compares the mutable rows with the chain: each proposal's state, action,
+decision and votes with its events and the PDP's signatures. Those are not chain breaks, and are reported
+apart (``Report.rows``).
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Connection, Engine, select, text
 
+from pdp.audit import rows as mutable_rows
 from pdp.audit.chain import GENESIS, MAIN_CHAIN, event_hash
 from pdp.audit.checkpoints import Checkpoint, read_file, stored
+from pdp.audit.rows import Disagreement, RowsReport
 from pdp.store.models import audit_events
 
 # Indexed columns that repeat a field of the hashed body (recorded_at is the database's own clock).
@@ -59,10 +65,17 @@ class Report:
     first_bad_seq: int | None = None
     problem: str = ""
     triggers_missing: list[str] = field(default_factory=list)
+    # The rows against the chain; None when not checked (no public key, or not asked for).
+    rows: RowsReport | None = None
 
     @property
     def intact(self) -> bool:
+        """The chain, its checkpoints and the triggers (the rows are judged apart: ``rows.agree``)."""
         return self.first_bad_seq is None and not self.triggers_missing
+
+    @property
+    def disagreements(self) -> list[Disagreement]:
+        return self.rows.disagreements if self.rows is not None else []
 
     def fail(self, seq: int, problem: str) -> None:
         if self.first_bad_seq is None:
@@ -117,6 +130,7 @@ def verify(
     checkpoint_file: Path | None = None,
     from_seq: int = 1,
     chain: str = MAIN_CHAIN,
+    check_rows: bool = True,
 ) -> Report:
     report = Report()
     # The file first: a checkpoint signed after the database snapshot below would otherwise name a seq
@@ -175,6 +189,8 @@ def verify(
                     f"the chain ends at seq {report.head_seq} but a checkpoint ({source}) was signed at seq "
                     f"{cp.seq}: events were removed (truncated or rolled back)",
                 )
+    if check_rows and public_key is not None:
+        report.rows = mutable_rows.check(engine, public_key, chain)
     return report
 
 

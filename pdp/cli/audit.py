@@ -14,6 +14,7 @@ from sqlalchemy import select
 from pdp.audit.checkpoints import append_to_file, sign_head
 from pdp.audit.keys import KeyFileError, init_key, load_private, load_public, public_path
 from pdp.audit.roles import create_roles
+from pdp.audit.rows import RowsReport
 from pdp.audit.verify import verify
 from pdp.config import add_arguments, from_args
 from pdp.store.database import create_db_engine
@@ -30,11 +31,16 @@ def register(commands: Any) -> None:
     audit: argparse.ArgumentParser = commands.add_parser("audit", help="the audit log")
     sub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
 
-    ver = sub.add_parser("verify", help="recompute the chain and check checkpoints; exit 0 intact, 1 not")
+    ver = sub.add_parser(
+        "verify",
+        help="recompute the chain, check checkpoints, compare the rows with it; exit 0 intact, 1 chain broken, "
+        "3 rows disagree",
+    )
     ver.add_argument("--checkpoints", type=Path, default=None, help="checkpoint file (default: PDP_CHECKPOINT_FILE)")
     ver.add_argument("--no-checkpoint-file", action="store_true", help="check database checkpoints only")
     ver.add_argument("--public-key", type=Path, default=None, help="default: the signing key's .pub file")
     ver.add_argument("--from", dest="from_seq", type=int, default=1, help="start at this seq (trusting seq-1)")
+    ver.add_argument("--no-rows", action="store_true", help="check the chain only, not the rows against it")
     add_arguments(ver, ("database_url", "signing_key", "checkpoint_file"))
     ver.set_defaults(handler=run_verify)
 
@@ -50,9 +56,12 @@ def register(commands: Any) -> None:
 
 
 def register_db(db_sub: Any) -> None:
-    roles = db_sub.add_parser("roles", help="PostgreSQL: create the append-only writer and read-only auditor roles")
+    roles = db_sub.add_parser(
+        "roles", help="PostgreSQL: create the service's writer, the executor's and the read-only auditor's roles"
+    )
     roles.add_argument("--writer", default="pdp_writer")
     roles.add_argument("--auditor", default="pdp_auditor")
+    roles.add_argument("--executor", default="pdp_executor")
     add_arguments(roles, ("database_url",))
     roles.set_defaults(handler=run_roles)
 
@@ -86,6 +95,7 @@ def run_verify(args: argparse.Namespace) -> int:
         public_key=public_key,
         checkpoint_file=checkpoint_file,
         from_seq=args.from_seq,
+        check_rows=not args.no_rows,
     )
     print(f"events:      {report.events} verified, head seq {report.head_seq} hash {report.head_hash[:16]}…")
     print(f"checkpoints: {report.checkpoints} checked" + (f" (incl. {checkpoint_file})" if checkpoint_file else ""))
@@ -93,6 +103,7 @@ def run_verify(args: argparse.Namespace) -> int:
         "triggers:    "
         + ("in place" if not report.triggers_missing else "MISSING " + ", ".join(report.triggers_missing))
     )
+    _print_rows(report.rows)
     if report.first_bad_seq is not None:
         print(f"FAIL at seq {report.first_bad_seq}: {report.problem}")
         return 1
@@ -107,8 +118,40 @@ def run_verify(args: argparse.Namespace) -> int:
     if report.triggers_missing:
         print("FAIL: the database no longer refuses changes to the audit log")
         return 1
-    print("ok: the audit log is intact")
+    if report.rows is not None and report.rows.error:
+        print("FAIL: the rows could not be compared with the audit log (connect as a role that may read them)")
+        return ROWS_DISAGREE
+    if report.rows is not None and not report.rows.agree:
+        print("FAIL: the audit log is intact, but the rows above disagree with it (changed outside the PDP)")
+        return ROWS_DISAGREE
+    print("ok: the audit log is intact" + (" and the rows agree with it" if report.rows is not None else ""))
     return 0
+
+
+ROWS_DISAGREE = 3  # the chain is intact; proposals or votes were changed outside the PDP
+LISTED_ROWS = 50
+
+
+def _print_rows(rows: RowsReport | None) -> None:
+    if rows is None:
+        print("rows:        not compared with the chain (--no-rows)")
+        return
+    if rows.error:
+        print(f"rows:        NOT COMPARED: {rows.error}")
+        return
+    line = f"rows:        {rows.proposals} proposals compared with the chain, {rows.disagreeing} disagreement(s)"
+    if rows.unsigned_requests:
+        line += f"; {rows.unsigned_requests} approval request(s) unsigned (recorded before requests were signed)"
+    print(line)
+    for d in rows.disagreements[:LISTED_ROWS]:
+        print(f"  DISAGREE proposal {_printable(d.proposal_id)}: {_printable(d.problem)}")
+    if rows.disagreeing > LISTED_ROWS:
+        print(f"  … and {rows.disagreeing - LISTED_ROWS} more")
+
+
+def _printable(text: str) -> str:
+    """Rows may hold anything a database writer put there: no control character reaches the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _public_key_path(signing_key: Path) -> Path:
@@ -163,6 +206,9 @@ def run_roles(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    create_roles(engine, args.writer, args.auditor)
-    print(f"roles {args.writer} (append-only on the audit log) and {args.auditor} (read-only) are in place")
+    create_roles(engine, args.writer, args.auditor, args.executor)
+    print(
+        f"roles {args.writer} (pdp serve), {args.executor} (pdp-executor; no votes, no tickets) and "
+        f"{args.auditor} (read-only) are in place; the log is append-only to all of them"
+    )
     return 0
