@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from sqlalchemy import func, select
 
 from pdp.approvals import signed
 from pdp.approvals.service import ApprovalService, VoteResult
+from pdp.audit import chain, events
 from pdp.audit.keys import load_public, public_path
 from pdp.audit.verify import verify
 from pdp.client import PdpClient
@@ -30,7 +32,8 @@ from pdp.identity.approvers import Approver, add_approver, revoke_approver
 from pdp.policy.loader import load_bundle
 from pdp.store.database import create_db_engine
 from pdp.store.migrate import upgrade
-from pdp.store.models import audit_events, execution_tickets
+from pdp.store.models import audit_events, execution_tickets, proposals
+from pdp.store.proposals import ProposalRecord, record_proposal
 from pdp.v1 import pdp_pb2
 
 OWNER = "alice"
@@ -408,3 +411,23 @@ def test_the_list_is_capped_after_filtering(world: World, monkeypatch: pytest.Mo
         world.pending()  # for the leads: older, and not this approver's
     mine = world.pending(oncall=True)
     assert [p.proposal_id for p in world.service.pending(world.approver("oncall-1", "ops"))] == [mine]
+
+
+def test_a_proposal_decided_before_requests_were_signed_cannot_be_approved(world: World) -> None:
+    """After an upgrade, a proposal pending from before has no signed request: it expires, no vote counts on it."""
+    pid = world.pending()
+    with world.server.engine.connect() as conn:
+        row = conn.execute(select(proposals).where(proposals.c.id == pid)).mappings().one()
+    legacy = replace(ProposalRecord.from_row(row), id=str(uuid.uuid4()), idempotency_key="")
+    with world.server.engine.begin() as conn:  # as the PDP recorded one before it signed approval requests
+        record_proposal(conn, legacy)
+        chain.append(conn, events.proposal_decided(legacy))
+    lead = world.approver("lead-1", "leads")
+    detail = world.service.detail(lead, legacy.id)
+    assert not detail.can_vote and "recorded before approvals were signed" in detail.why_not
+    with pytest.raises(FailedPrecondition, match="recorded before approvals were signed"):
+        world.service.approve(lead, legacy.id, action_digest=detail.action_digest)
+    assert world.tickets(legacy.id) == 0
+    report = verify(world.server.engine, public_key=load_public(public_path(signing_key())))
+    assert report.rows is not None and report.rows.unsigned_requests == 1
+    assert report.rows.agree, report.disagreements  # not a disagreement: the rows match the (older) events

@@ -372,6 +372,42 @@ def test_a_forged_vote_event_with_its_row_does_not_count(attack: Attack) -> None
     assert attack.disagreements(proposal)
 
 
+def test_a_signed_vote_copied_from_another_proposal_does_not_count(attack: Attack) -> None:
+    """Two proposals of the same action share a digest; a real, PDP-signed vote on one is no vote on the other."""
+    voted, target = attack.bulk_close(), attack.bulk_close()
+    assert attack.row(voted)["action_digest"] == attack.row(target)["action_digest"]
+    lead1_id, lead1 = attack.approver(LEADS)
+    _, lead2 = attack.approver(LEADS)
+    with lead1, lead2:
+        assert _approve(lead1, voted, _detail(lead1, voted)["action_digest"]).status_code == 200
+        with attack.server.engine.connect() as conn:
+            body = conn.execute(
+                select(audit_events.c.body).where(
+                    audit_events.c.proposal_id == voted, audit_events.c.type == "approval.granted"
+                )
+            ).scalar_one()
+        copied = json.loads(body)["data"]  # with its valid signature, for the other proposal
+        row = attack.row(target)
+        with attack.writer.begin() as conn:
+            chain.append(
+                conn,
+                chain.Event(
+                    type="approval.granted",
+                    actor=f"approver:{lead1_id}",
+                    occurred_at=datetime.now(UTC),
+                    proposal_id=target,
+                    agent_id=row["agent_id"],
+                    policy_version=row["policy_version"],
+                    data=copied,
+                ),
+            )
+        response = _approve(lead2, target, _detail(lead2, target)["action_digest"])
+        assert response.status_code == 200, response.text
+        assert response.json()["state"] == "PENDING_APPROVAL"  # one of two: the copy counted for nothing
+    assert attack.tickets(target) == 0
+    assert any("signed for proposal" in problem for problem in attack.disagreements(target))
+
+
 # --- (c) the requirements the PDP decided ------------------------------------------------------------------
 
 
