@@ -88,7 +88,7 @@ def csrf(page: httpx.Response) -> str:
 
 def shown_digest(page: httpx.Response) -> str:
     """The action digest the page's forms carry (the same in both forms)."""
-    found = set(_DIGEST.findall(page.text))
+    found: set[str] = set(_DIGEST.findall(page.text))
     assert len(found) == 1, page.text
     return found.pop()
 

@@ -48,33 +48,54 @@ GRANTED = "approval.granted"
 REJECTED = "approval.rejected"
 VOTES = (GRANTED, REJECTED)
 
-# The state an event leaves its proposal in, where the type alone says it. Every other event that changes a
+# The state an event leaves its proposal in, where its type says it. Any other event that changes a
 # proposal's state carries ``data.to_state`` (``proposal.decided``: ``data.state``); a new kind of transition
 # must do the same, or `pdp audit verify` reports the proposal's row as disagreeing with its events.
 _STATE_OF_TYPE = {
+    "proposal.approved": "APPROVED",
+    "proposal.denied": "DENIED",
+    "proposal.expired": "EXPIRED",
+    "proposal.cancelled": "CANCELLED",
+    REJECTED: "REJECTED",
     "execution.started": "EXECUTING",
     "execution.succeeded": "SUCCEEDED",
     "execution.failed": "FAILED",
     "execution.unknown": "UNKNOWN",
     "execution.refused": "FAILED",
 }
+# Events that change no proposal's state and whose data the approval history never reads.
+_NO_TRANSITION = frozenset(
+    {
+        "execution.retrying",
+        "execution.late_result",
+        "agent.quarantined",
+        "agent.released",
+        "circuit.opened",
+        "circuit.closed",
+        "policy.activated",
+        "policy.refused",
+    }
+)
+# Whose data the approval history reads: the decision, the votes, a re-decision at quorum.
+_READ = frozenset({DECIDED, GRANTED, REJECTED, "proposal.denied"})
 
 
 def state_after(event_type: str, data: Mapping[str, Any]) -> str | None:
     """The proposal state this event records a transition to, or None when it changes no state."""
+    known = _STATE_OF_TYPE.get(event_type)
+    if known is not None:
+        return known
     if event_type == DECIDED:
         state = data.get("state")
         return state if isinstance(state, str) else None
     to_state = data.get("to_state")
-    if isinstance(to_state, str):
-        return to_state
-    return _STATE_OF_TYPE.get(event_type)
+    return to_state if isinstance(to_state, str) else None
 
 
 def body_needed(event_type: str) -> bool:
-    """Whether :func:`state_after` (and the approval history) must read the event's data: not for the executor's
-    events, whose type says it all (they are most of a busy chain)."""
-    return not event_type.startswith("execution.")
+    """Whether :func:`state_after` and the approval history must read this event's data (most events' types say
+    all they need, and parsing every body again would double what `pdp audit verify` costs)."""
+    return event_type in _READ or (event_type not in _STATE_OF_TYPE and event_type not in _NO_TRANSITION)
 
 
 def proposal_decided(

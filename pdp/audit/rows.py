@@ -115,17 +115,21 @@ def _batches(conn: Connection, chain: str) -> Iterator[_Batch]:
         ).all()
         high = str(rows[-1].id) if len(rows) == BATCH else None  # the last batch reaches to the end
         events: dict[str, list[RecordedEvent]] = {}
+        # The chain is compared in Python: as a condition, it steers SQLite to the primary key, a full scan.
         query = select(
+            audit_events.c.chain,
             audit_events.c.proposal_id,
             audit_events.c.seq,
             audit_events.c.type,
             audit_events.c.actor,
             audit_events.c.body,
-        ).where(audit_events.c.chain == chain, audit_events.c.proposal_id.is_not(None))
+        ).where(audit_events.c.proposal_id.is_not(None))
         query = _in_range(query, audit_events.c.proposal_id, low, high).order_by(
             audit_events.c.proposal_id, audit_events.c.seq
         )
         for event in conn.execute(query):
+            if event.chain != chain:
+                continue
             data: dict[str, Any] = {}
             if body_needed(event.type):
                 parsed = json.loads(event.body)
