@@ -727,7 +727,7 @@ def test_the_writer_appends_and_the_auditor_reads(audit_db: AuditDb, roles: Role
                 {"p": response.proposal_id},
             ).one()
             assert tuple(decided) == ("needs_approval", "as the writer")
-            # What verify compares with the log, and nothing more: no justification, no decision input.
+            # What verify compares with the log, and nothing more: no justification, no vote comment.
             conn.execute(text(f"SELECT {', '.join(AUDITED_PROPOSAL_COLUMNS)} FROM proposals")).all()
             conn.execute(text(f"SELECT {', '.join(AUDITED_VOTE_COLUMNS)} FROM approvals")).all()
         # So `pdp audit verify` runs as an auditor, rows included: the one real proposal agrees with its events
@@ -747,7 +747,7 @@ def test_the_writer_appends_and_the_auditor_reads(audit_db: AuditDb, roles: Role
             "TRUNCATE audit_events",
             "SELECT * FROM proposals",
             "SELECT justification FROM proposals",
-            "SELECT decision_input FROM proposals",
+            "SELECT idempotency_key FROM proposals",
             "SELECT comment FROM approvals",
             "UPDATE proposals SET state = 'APPROVED'",
             "SELECT * FROM agents",

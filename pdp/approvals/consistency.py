@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from pdp.approvals.history import History
-from pdp.canonical import timestamp
+from pdp.canonical import digest, timestamp
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,9 +24,11 @@ class StoredProposal:
     id: str
     agent_id: str
     state: str
-    action: Any
+    # The digest of the action as stored, computed as the executor will before it runs anything.
+    stored_action_digest: str
     action_digest: str
     decision: Any
+    decision_input: Any
     outcome: str | None = None
     policy_version: str | None = None
     approval_expires_at: datetime | None = None
@@ -41,16 +43,27 @@ class StoredVote:
     action_digest: str
 
 
+def stored_action_digest(action: Any) -> str:
+    """What the executor will compute from a stored action (when proposals store the exact canonical text of the
+    action, its SHA-256 belongs here, for both readers)."""
+    try:
+        return digest(action)
+    except (TypeError, ValueError):
+        return "(no canonical form)"
+
+
 def disagreements(stored: StoredProposal, votes: Iterable[StoredVote], history: History) -> list[str]:
     """What in the rows differs from the chain (empty when they tell the same story)."""
     decided = history.decided
     if decided is None:
         return ["the audit log has no proposal.decided event for this proposal"]
     problems: list[str] = []
-    if stored.action != decided.get("action"):
+    if stored.stored_action_digest != decided.get("action_digest"):
         problems.append("the stored action differs from the action its proposal.decided event recorded")
     if stored.action_digest != decided.get("action_digest"):
         problems.append("the stored action_digest differs from the one its proposal.decided event recorded")
+    if stored.decision_input != decided.get("decision_input"):
+        problems.append("the stored decision input (agent, owner, context) differs from its proposal.decided event's")
     decision = history.decision
     if decision is not None:
         if stored.decision != decision:

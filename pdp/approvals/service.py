@@ -27,13 +27,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from sqlalchemy import Connection, Engine, insert, select, update
 
 from pdp.approvals import history, quorum, signed
-from pdp.approvals.consistency import StoredProposal, StoredVote, disagreements
+from pdp.approvals.consistency import StoredProposal, StoredVote, disagreements, stored_action_digest
 from pdp.approvals.history import History
 from pdp.approvals.quorum import APPROVE, REJECT, Vote
 from pdp.approvals.signed import ApprovalRequest
 from pdp.audit import chain
 from pdp.audit.chain import Event
-from pdp.canonical import digest, timestamp
+from pdp.canonical import timestamp
 from pdp.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from pdp.execution import tickets
 from pdp.governance import limits
@@ -137,12 +137,18 @@ def _requirements(requirements: Sequence[ApprovalRequirement], votes: Sequence[V
 
 def stored_digest(record: ProposalRecord) -> str:
     """The digest of the stored action, as the executor will compute it before it runs anything."""
-    return digest(record.action)
+    return stored_action_digest(record.action)
 
 
 def _stored(record: ProposalRecord) -> StoredProposal:
     return StoredProposal(
-        record.id, record.agent_id, record.state.value, record.action, record.action_digest, record.decision.to_dict()
+        record.id,
+        record.agent_id,
+        record.state.value,
+        stored_digest(record),
+        record.action_digest,
+        record.decision.to_dict(),
+        record.decision_input,
     )
 
 
@@ -174,8 +180,6 @@ def _judge(record: ProposalRecord, found: History, rows: Sequence[StoredVote]) -
     if found.request is None:
         return f"it cannot be approved: {found.request_problem or 'its audit log holds no approval request'}"
     wrong = disagreements(_stored(record), rows, found)
-    if stored_digest(record) != found.request.action_digest:
-        wrong.append("the stored action is not the action the PDP signed the approval request for")
     if wrong:
         return "its database rows disagree with its audit log (" + "; ".join(wrong) + ")"
     return Trusted(found.request, found)
@@ -349,7 +353,7 @@ class ApprovalService:
             proposal_id=record.id,
             state=record.state.value,
             agent_id=record.agent_id,
-            owner=_owner(record),
+            owner=found.request.owner if found.request else _owner(record),
             action=record.action,
             action_digest=stored_digest(record),
             justification=record.justification,

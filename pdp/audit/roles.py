@@ -32,6 +32,7 @@ AUDITED_PROPOSAL_COLUMNS = (
     "action",
     "action_digest",
     "decision",
+    "decision_input",
     "outcome",
     "policy_version",
     "approval_expires_at",

@@ -24,7 +24,7 @@ from sqlalchemy import Connection, Engine, Select, select
 from sqlalchemy.exc import DBAPIError
 
 from pdp.approvals import history
-from pdp.approvals.consistency import StoredProposal, StoredVote, disagreements
+from pdp.approvals.consistency import StoredProposal, StoredVote, disagreements, stored_action_digest
 from pdp.approvals.history import RecordedEvent
 from pdp.audit.chain import MAIN_CHAIN
 from pdp.audit.events import body_needed
@@ -40,6 +40,7 @@ _PROPOSAL_COLUMNS = (
     proposals.c.action,
     proposals.c.action_digest,
     proposals.c.decision,
+    proposals.c.decision_input,
     proposals.c.outcome,
     proposals.c.policy_version,
     proposals.c.approval_expires_at,
@@ -156,9 +157,10 @@ def _check_batch(batch: _Batch, public_key: Ed25519PublicKey, report: RowsReport
             pid,
             row.agent_id,
             row.state,
-            row.action,
+            stored_action_digest(row.action),
             row.action_digest,
             row.decision,
+            row.decision_input,
             row.outcome,
             row.policy_version,
             row.approval_expires_at,
