@@ -27,6 +27,7 @@ from pdp.audit.chain import Event, append
 from pdp.audit.checkpoints import append_to_file, sign_head
 from pdp.audit.keys import init_key, load_private
 from pdp.audit.verify import verify
+from pdp.canonical import digest
 from pdp.identity.agents import add_agent
 from pdp.identity.approvers import add_approver
 from pdp.policy.decision import Decision
@@ -42,6 +43,14 @@ APPROVAL_EVERY = 10  # one proposal in ten needed approval
 
 def sample_event(i: int) -> Event:
     pid = f"00000000-0000-4000-8000-{i:012d}"
+    action = {
+        "tool": "tickets",
+        "operation": "POST",
+        "resource": f"http://127.0.0.1:8282/api/tickets/{i}",
+        "params": {"title": "Printer on fire", "priority": "high", "count": i % 50},
+        "estimated_cost_usd": 0.0,
+        "labels": {"team": "support"},
+    }
     return Event(
         type="proposal.decided",
         actor="agent:bench-support",
@@ -50,15 +59,8 @@ def sample_event(i: int) -> Event:
         agent_id="bench-support",
         policy_version="sha256:381a9e7022a2934c+git.6bd90ef00d3f",
         data={
-            "action": {
-                "tool": "tickets",
-                "operation": "POST",
-                "resource": f"http://127.0.0.1:8282/api/tickets/{i}",
-                "params": {"title": "Printer on fire", "priority": "high", "count": i % 50},
-                "estimated_cost_usd": 0.0,
-                "labels": {"team": "support"},
-            },
-            "action_digest": f"{i:064x}",
+            "action": action,
+            "action_digest": digest(action),
             "justification": "Customer reported a broken printer; opening a ticket to track the fix.",
             "decision": {
                 "outcome": "allow",
