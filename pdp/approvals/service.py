@@ -18,7 +18,7 @@ chain is refused (409) and logged, and a vote must name the action digest its ap
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -165,6 +165,7 @@ class Trusted:
     """A pending proposal as its audit chain has it, its rows agreeing: what a vote may be counted against."""
 
     request: ApprovalRequest
+    decided: Mapping[str, Any]  # data of its proposal.decided event: the action and input as decided
     history: History
 
 
@@ -182,7 +183,9 @@ def _judge(record: ProposalRecord, found: History, rows: Sequence[StoredVote]) -
     wrong = disagreements(_stored(record), rows, found)
     if wrong:
         return "its database rows disagree with its audit log (" + "; ".join(wrong) + ")"
-    return Trusted(found.request, found)
+    if found.decided is None:  # disagreements() reports a missing decision; this only tells the type checker
+        return "its audit log holds no decision"
+    return Trusted(found.request, found.decided, found)
 
 
 def _seconds_left(record: ProposalRecord, now: datetime) -> int:
@@ -451,7 +454,7 @@ class ApprovalService:
             state = ProposalState.APPROVED
         self._append_vote(conn, record, approver, verdict, text, groups, vote, request, now, state)
         if state is ProposalState.APPROVED:
-            state = self._at_quorum(conn, record, trusted.history, votes, now)
+            state = self._at_quorum(conn, record, trusted, votes, now)
         elif state is ProposalState.REJECTED:
             self._set_state(conn, record.id, state, now)
         views = (*(_view(v) for v in trusted.history.votes), ApprovalRecord(approver.id, verdict, text, now))
@@ -493,18 +496,20 @@ class ApprovalService:
         )
 
     def _at_quorum(
-        self, conn: Connection, record: ProposalRecord, found: History, votes: list[Vote], now: datetime
+        self, conn: Connection, record: ProposalRecord, trusted: Trusted, votes: list[Vote], now: datetime
     ) -> ProposalState:
         """Re-decide with the current bundle: deny wins (→ DENIED); anything else → APPROVED with a ticket.
 
-        The input is the one the audit chain recorded with the decision (the rows agreed with it a moment ago),
-        and the ticket binds the action digest of the signed request.
+        The action and input are the ones the audit chain recorded with the decision (the rows agreed with them
+        a moment ago), and the ticket binds the action digest of the signed request.
         """
-        assert found.decided is not None and found.request is not None  # _trust checked both
         bundle = self._bundles.current
-        context = found.decided.get("decision_input")
+        action, context = trusted.decided.get("action"), trusted.decided.get("decision_input")
         request = replace(
-            decision_input(record.action, context if isinstance(context, dict) else record.decision_input),
+            decision_input(
+                action if isinstance(action, dict) else record.action,
+                context if isinstance(context, dict) else record.decision_input,
+            ),
             now=now,
             environment=self._environment,
         )
@@ -557,7 +562,7 @@ class ApprovalService:
         ticket = tickets.issue(
             self._key,
             proposal_id=record.id,
-            action_digest=found.request.action_digest,
+            action_digest=trusted.request.action_digest,
             outcome="approved",
             approvals=approved,
             policy_version=decision.policy_version,
