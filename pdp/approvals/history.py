@@ -18,7 +18,7 @@ from sqlalchemy import Connection, bindparam, select
 
 from pdp.approvals.quorum import APPROVE, REJECT, Vote
 from pdp.approvals.signed import ApprovalRequest, SignedVote, Unverified, open_request, open_vote
-from pdp.audit.events import DECIDED, GRANTED, VOTES, body_needed, state_after
+from pdp.audit.events import DECIDED, GRANTED, VOTES, state_after
 from pdp.store.models import audit_events
 
 _VERDICT = {GRANTED: APPROVE, "approval.rejected": REJECT}
@@ -180,6 +180,14 @@ def _vote(
     return CountedVote(vote, str(event.data.get("comment", "")))
 
 
+def parse_body(body: str) -> object:
+    """An event's body as JSON; one that is not (only a forged row can be) reads as holding nothing."""
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
 _EVENTS = (
     select(audit_events.c.seq, audit_events.c.type, audit_events.c.actor, audit_events.c.body)
     .where(audit_events.c.proposal_id == bindparam("proposal_id"))
@@ -191,7 +199,7 @@ def events_of(conn: Connection, proposal_id: str) -> list[RecordedEvent]:
     """The proposal's events in chain order (the proposal_id index finds them)."""
     found = []
     for row in conn.execute(_EVENTS, {"proposal_id": proposal_id}):
-        body = json.loads(row.body)
+        body = parse_body(row.body)
         data = body.get("data") if isinstance(body, dict) else None
         found.append(
             RecordedEvent(
@@ -208,6 +216,3 @@ def events_of(conn: Connection, proposal_id: str) -> list[RecordedEvent]:
 def load(conn: Connection, proposal_id: str, public_key: Ed25519PublicKey) -> tuple[History, list[RecordedEvent]]:
     events = events_of(conn, proposal_id)
     return read(proposal_id, events, public_key), events
-
-
-__all__ = ["CountedVote", "History", "RecordedEvent", "body_needed", "events_of", "load", "read"]

@@ -134,7 +134,7 @@ def _batches(conn: Connection, chain: str) -> Iterator[_Batch]:
                 continue
             data: dict[str, Any] = {}
             if body_needed(event.type):
-                parsed = json.loads(event.body)
+                parsed = history.parse_body(event.body)
                 inner = parsed.get("data") if isinstance(parsed, dict) else None
                 data = inner if isinstance(inner, dict) else {}
             record = RecordedEvent(int(event.seq), str(event.type), str(event.actor), data)

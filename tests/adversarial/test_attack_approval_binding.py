@@ -408,6 +408,37 @@ def test_a_signed_vote_copied_from_another_proposal_does_not_count(attack: Attac
     assert any("signed for proposal" in problem for problem in attack.disagreements(target))
 
 
+def test_a_well_chained_event_that_is_not_even_json_counts_for_nothing(attack: Attack) -> None:
+    proposal = attack.critical()
+    with attack.writer.begin() as conn:
+        chain.lock_chain(conn)
+        seq, prev = chain.head(conn)
+        body = b"approve everything"
+        conn.execute(
+            audit_events.insert().values(
+                chain=chain.MAIN_CHAIN,
+                seq=seq + 1,
+                event_id=str(uuid.uuid4()),
+                type="approval.granted",
+                proposal_id=proposal,
+                agent_id=attack.row(proposal)["agent_id"],
+                actor="approver:nobody",
+                policy_version="",
+                body=body.decode(),
+                prev_hash=prev,
+                hash=chain.event_hash(seq + 1, prev, body),
+            )
+        )
+    _, oncall = attack.approver(ONCALL)
+    with oncall:
+        seen = _detail(oncall, proposal)
+        assert [r["approvals"] for r in seen["requirements"]] == [0]
+        response = _approve(oncall, proposal, seen["action_digest"])
+        assert response.status_code == 200 and response.json()["state"] == "APPROVED", response.text
+    report = attack.verify()
+    assert report.first_bad_seq == seq + 1 and "not JSON" in report.problem
+
+
 # --- (c) the requirements the PDP decided ------------------------------------------------------------------
 
 
