@@ -10,10 +10,9 @@ not was edited, and is refused.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from pdp.canonical import loads
+from pdp.canonical import loads, same_values
 from pdp.execution.tickets import TicketRefused
 
 UNREADABLE = "action.unreadable"
@@ -44,35 +43,5 @@ def signed_action(text: object) -> tuple[bytes, dict[str, Any]]:
 
 def require_agreement(stored: Any, action: dict[str, Any]) -> None:
     """TicketRefused unless the JSONB copy ``stored`` says what the digested ``action`` says."""
-    if not _agrees(stored, action):
+    if not same_values(stored, action):
         raise TicketRefused(MISMATCH, "the stored action differs from the action the PDP digested and signed")
-
-
-def _agrees(stored: Any, exact: Any) -> bool:
-    if isinstance(exact, bool) or isinstance(stored, bool) or exact is None or isinstance(exact, str):
-        return type(stored) is type(exact) and stored == exact
-    if isinstance(exact, int | float):
-        return isinstance(stored, int | float) and _same_double(stored, exact)
-    if isinstance(exact, dict):
-        return (
-            isinstance(stored, dict)
-            and stored.keys() == exact.keys()
-            and all(_agrees(stored[key], value) for key, value in exact.items())
-        )
-    if isinstance(exact, list):
-        return (
-            isinstance(stored, list)
-            and len(stored) == len(exact)
-            and all(_agrees(s, e) for s, e in zip(stored, exact, strict=True))
-        )
-    return False
-
-
-def _same_double(stored: int | float, exact: int | float) -> bool:
-    """The numbers name the same double: JSONB keeps the decimal digits a double was written with, and
-    those digits read back as that double (-0 and 0 are one value in JSON, as in canonical JSON)."""
-    try:
-        value = float(stored)
-    except OverflowError:
-        return False
-    return math.isfinite(value) and value == float(exact)

@@ -191,15 +191,25 @@ def _refuse(
       (``abandoned``) the refusal ends the abandoned attempt, FAILED with the reason.
     - Nothing ran: the proposal fails with the reason.
     """
-    chain.append(conn, _event(REFUSED, row, actor, now, attempt=attempt, reason=refused.reason, error=refused.message))
+    if history.ended is not None:
+        state = ProposalState(history.ended.status)
+    elif history.starts and not abandoned:
+        state = ProposalState.EXECUTING
+    else:
+        state = ProposalState.FAILED
+    # to_state: the state the refusal leaves the proposal in (verify compares the row with it).
+    data: dict[str, Any] = {
+        "attempt": attempt,
+        "reason": refused.reason,
+        "error": refused.message,
+        "to_state": state.value,
+    }
+    chain.append(conn, _event(REFUSED, row, actor, now, **data))
+    _set_state(conn, row.id, state, now)
     if history.ended is not None:
         ended = history.ended
-        _set_state(conn, row.id, ProposalState(ended.status), now)
         _end_row(conn, row, attempt, ended.status, ended.result, ended.error, ended.at)
-    elif history.starts and not abandoned:
-        _set_state(conn, row.id, ProposalState.EXECUTING, now)
-    else:
-        _set_state(conn, row.id, ProposalState.FAILED, now)
+    elif state is ProposalState.FAILED:
         _end_row(conn, row, attempt, FAILED, None, f"refused: {refused.message}", now)
 
 

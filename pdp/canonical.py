@@ -191,3 +191,35 @@ def loads(text: str | bytes) -> Any:
     writes such a double with its shortest digits, e.g. 2**68 as 295147905179352830000); NaN, Infinity and
     digits beyond any double raise ValueError, as does anything that is not JSON."""
     return json.loads(text, parse_int=_integer, parse_constant=_no_constant)
+
+
+def same_values(stored: Any, exact: Any) -> bool:
+    """Whether a value read back from a JSON column (``stored``) says what the canonical ``exact`` says: the same
+    structure and strings, numbers equal as doubles (JSONB may write 1e16 back as an integer)."""
+    if isinstance(exact, bool) or isinstance(stored, bool) or exact is None or isinstance(exact, str):
+        return type(stored) is type(exact) and stored == exact
+    if isinstance(exact, int | float):
+        return isinstance(stored, int | float) and _same_double(stored, exact)
+    if isinstance(exact, dict):
+        return (
+            isinstance(stored, dict)
+            and stored.keys() == exact.keys()
+            and all(same_values(stored[key], value) for key, value in exact.items())
+        )
+    if isinstance(exact, list):
+        return (
+            isinstance(stored, list)
+            and len(stored) == len(exact)
+            and all(same_values(s, e) for s, e in zip(stored, exact, strict=True))
+        )
+    return False
+
+
+def _same_double(stored: int | float, exact: int | float) -> bool:
+    """The numbers name the same double: JSONB keeps the decimal digits a double was written with, and
+    those digits read back as that double (-0 and 0 are one value in JSON, as in canonical JSON)."""
+    try:
+        value = float(stored)
+    except OverflowError:
+        return False
+    return math.isfinite(value) and value == float(exact)

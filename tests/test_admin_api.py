@@ -17,6 +17,7 @@ import pytest
 from conftest import BULK_CLOSE, TICKETS, Server
 from sqlalchemy import select
 
+from pdp.canonical import digest
 from pdp.identity.approvers import add_approver, revoke_approver
 from pdp.store.models import approvals
 from pdp.v1 import pdp_pb2
@@ -80,6 +81,21 @@ def _error(response: httpx.Response, status: int, field: str | None = None) -> s
     return message
 
 
+def shown(client: httpx.Client, proposal_id: str) -> str:
+    """The action digest the detail shows this approver: what a vote must send back."""
+    response = client.get(f"/api/v1/proposals/{proposal_id}")
+    assert response.status_code == 200, response.text
+    digest: str = response.json()["action_digest"]
+    return digest
+
+
+def approve(client: httpx.Client, proposal_id: str, **body: Any) -> httpx.Response:
+    """Look at the proposal, then approve what was shown."""
+    return client.post(
+        f"/api/v1/proposals/{proposal_id}/approve", json={"action_digest": shown(client, proposal_id), **body}
+    )
+
+
 def _ids(response: httpx.Response) -> list[str]:
     assert response.status_code == 200, response.text
     return [p["id"] for p in response.json()["proposals"]]
@@ -92,7 +108,7 @@ def test_every_endpoint_wants_a_valid_bearer_token(admin: Admin) -> None:
     calls: list[tuple[str, str, dict[str, Any] | None]] = [
         ("GET", "/api/v1/proposals", None),
         ("GET", f"/api/v1/proposals/{proposal}", None),
-        ("POST", f"/api/v1/proposals/{proposal}/approve", {}),
+        ("POST", f"/api/v1/proposals/{proposal}/approve", {"action_digest": "0" * 64}),
         ("POST", f"/api/v1/proposals/{proposal}/reject", {"reason": "no"}),
     ]
     clients = [
@@ -142,7 +158,7 @@ def test_the_list_holds_what_this_approver_may_decide_oldest_first(admin: Admin)
         assert not {first, second, owned} & set(_ids(oncall.get("/api/v1/proposals")))
         assert not {first, second, critical, owned} & set(_ids(nobody.get("/api/v1/proposals")))
         # Once voted, a proposal is no longer this approver's to decide.
-        assert lead.post(f"/api/v1/proposals/{first}/approve", json={}).status_code == 200
+        assert approve(lead, first).status_code == 200
         assert first not in _ids(lead.get("/api/v1/proposals"))
         for state in ("approved", "PENDING_APPROVAL", ""):
             _error(lead.get("/api/v1/proposals", params={"state": state}), 422, "state")
@@ -163,6 +179,7 @@ def test_the_detail_has_everything_to_decide_and_labels_the_justification(admin:
             "note": NOTE,
         }
         assert detail["action"]["resource"] == BULK_CLOSE and detail["action"]["params"] == {"count": 40}
+        assert detail["action_digest"] == digest(detail["action"]) == admin.server.row(proposal)["action_digest"]  # type: ignore[index]
         assert detail["owner"] == "detail-owner" and detail["outcome"] == "needs_approval"
         assert "rule:tickets-bulk" in [r["rule_id"] for r in detail["reasons"]]
         assert detail["policy_version"] and detail["boundary"] and detail["tier"]
@@ -179,7 +196,7 @@ def test_approve_records_the_vote_and_quorum_approves(admin: Admin) -> None:
     one_id, one = admin.approver(LEADS)
     _, two = admin.approver(LEADS)
     with one, two:
-        first = one.post(f"/api/v1/proposals/{proposal}/approve", json={"comment": "checked the list"})
+        first = approve(one, proposal, comment="checked the list")
         assert first.status_code == 200, first.text
         vote = first.json()
         assert vote["id"] == proposal and vote["state"] == "PENDING_APPROVAL"
@@ -187,7 +204,7 @@ def test_approve_records_the_vote_and_quorum_approves(admin: Admin) -> None:
         assert [(a["approver_id"], a["verdict"], a["comment"]) for a in vote["approvals"]] == [
             (one_id, "approve", "checked the list")
         ]
-        second = two.post(f"/api/v1/proposals/{proposal}/approve", json={})
+        second = approve(two, proposal)
         assert second.status_code == 200, second.text
         assert second.json()["state"] == "APPROVED" and len(second.json()["approvals"]) == 2
         assert one.get(f"/api/v1/proposals/{proposal}").json()["state"] == "APPROVED"
@@ -213,7 +230,7 @@ def test_reject_needs_a_reason_and_sends_it_back_to_the_agent(admin: Admin) -> N
             (lead_id, "reject", "40 is too many at once")
         ]
         # No longer pending: 409 for everyone eligible, and nothing more is recorded.
-        assert "REJECTED" in _error(other.post(f"/api/v1/proposals/{proposal}/approve", json={}), 409)
+        assert "REJECTED" in _error(approve(other, proposal), 409)
         _error(other.post(f"/api/v1/proposals/{proposal}/reject", json={"reason": "me too"}), 409)
         assert admin.votes(proposal) == 1
         detail = other.get(f"/api/v1/proposals/{proposal}").json()
@@ -226,12 +243,12 @@ def test_ineligible_approvers_get_403_and_change_nothing(admin: Admin) -> None:
     _, outsider = admin.approver(ONCALL)
     _, lead = admin.approver(LEADS)
     with owner, outsider, lead:
-        assert "separation of duties" in _error(owner.post(f"/api/v1/proposals/{proposal}/approve", json={}), 403)
-        assert LEADS in _error(outsider.post(f"/api/v1/proposals/{proposal}/approve", json={}), 403)
+        assert "separation of duties" in _error(approve(owner, proposal), 403)
+        assert LEADS in _error(approve(outsider, proposal), 403)
         _error(outsider.post(f"/api/v1/proposals/{proposal}/reject", json={"reason": "no"}), 403)
         assert admin.votes(proposal) == 0
-        assert lead.post(f"/api/v1/proposals/{proposal}/approve", json={}).status_code == 200
-        assert "already voted" in _error(lead.post(f"/api/v1/proposals/{proposal}/approve", json={}), 403)
+        assert approve(lead, proposal).status_code == 200
+        assert "already voted" in _error(approve(lead, proposal), 403)
         _error(lead.post(f"/api/v1/proposals/{proposal}/reject", json={"reason": "changed my mind"}), 403)
         assert admin.votes(proposal) == 1
 
@@ -244,7 +261,7 @@ def test_unknown_or_malformed_proposal_ids_are_404(admin: Admin, proposal_id: st
     _, lead = admin.approver(LEADS)
     with lead:
         _error(lead.get(f"/api/v1/proposals/{proposal_id}"), 404)
-        _error(lead.post(f"/api/v1/proposals/{proposal_id}/approve", json={}), 404)
+        _error(lead.post(f"/api/v1/proposals/{proposal_id}/approve", json={"action_digest": "0" * 64}), 404)
         _error(lead.post(f"/api/v1/proposals/{proposal_id}/reject", json={"reason": "x"}), 404)
 
 
@@ -254,12 +271,19 @@ def test_malformed_bodies_are_422_and_record_nothing(admin: Admin) -> None:
     approve, reject = f"/api/v1/proposals/{proposal}/approve", f"/api/v1/proposals/{proposal}/reject"
     headers = {"Content-Type": "application/json"}
     with lead:
+        seen = shown(lead, proposal)
         _error(lead.post(approve, content=b"{not json", headers=headers), 422, "body")
         _error(lead.post(approve, json=[]), 422, "body")
-        _error(lead.post(approve, json={"comment": 5}), 422, "comment")
-        _error(lead.post(approve, json={"comment": "ok", "approved": True}), 422, "approved")
-        _error(lead.post(approve, json={"comment": "x" * 5000}), 422, "comment")
-        _error(lead.post(approve, json={"comment": "nul\x00byte"}), 422, "comment")
+        _error(lead.post(approve, json={"action_digest": seen, "comment": 5}), 422, "comment")
+        _error(lead.post(approve, json={"action_digest": seen, "comment": "ok", "approved": True}), 422, "approved")
+        _error(lead.post(approve, json={"action_digest": seen, "comment": "x" * 5000}), 422, "comment")
+        _error(lead.post(approve, json={"action_digest": seen, "comment": "nul\x00byte"}), 422, "comment")
+        # The digest the approver was shown is required (a contract addition: see the README).
+        _error(lead.post(approve), 422, "body")
+        _error(lead.post(approve, json={}), 422, "action_digest")
+        _error(lead.post(approve, json={"comment": "ok"}), 422, "action_digest")
+        _error(lead.post(approve, json={"action_digest": seen.upper()}), 422, "action_digest")
+        _error(lead.post(reject, json={"reason": "no", "action_digest": "x"}), 422, "action_digest")
         _error(lead.post(reject, json={"reason": None}), 422, "reason")
         _error(lead.post(reject, json={"reason": "no", "extra": 1}), 422, "extra")
         _error(lead.post(reject, content=b"", headers=headers), 422, "body")
@@ -267,8 +291,8 @@ def test_malformed_bodies_are_422_and_record_nothing(admin: Admin) -> None:
         lone_surrogate = b'{"reason": "\\ud800"}'  # valid JSON, but no string a database can store
         _error(lead.post(reject, content=lone_surrogate, headers=headers), 422, "reason")
         assert admin.votes(proposal) == 0
-        # An approval needs no body at all.
-        assert lead.post(approve).status_code == 200
+        # A comment is optional: the digest alone approves.
+        assert lead.post(approve, json={"action_digest": seen}).status_code == 200
 
 
 def test_openapi_documents_the_api(admin: Admin) -> None:
@@ -299,6 +323,9 @@ def test_openapi_documents_the_api(admin: Admin) -> None:
     state = next(p for p in paths["/api/v1/proposals"]["get"]["parameters"] if p["name"] == "state")
     assert state["schema"].get("enum", [state["schema"].get("const")]) == ["pending_approval"]
     assert schema["components"]["schemas"]["RejectBody"]["additionalProperties"] is False
+    approve_body = schema["components"]["schemas"]["ApproveBody"]
+    assert approve_body["required"] == ["action_digest"] and approve_body["additionalProperties"] is False
+    assert "action_digest" in schema["components"]["schemas"]["Detail"]["required"]
 
 
 def test_health(admin: Admin) -> None:

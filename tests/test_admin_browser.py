@@ -281,3 +281,24 @@ def test_what_the_approver_may_not_decide(driver: WebDriver, admin: Server, toke
     open_detail(driver, admin, proposal_id)
     assert state(driver) == "PENDING_APPROVAL"
     assert driver.find_element(By.ID, "why-not").text.strip()
+
+
+def test_the_form_sends_back_the_digest_of_the_action_it_showed(
+    driver: WebDriver, admin: Server, token: str, agent: PdpClient
+) -> None:
+    """A vote names the action the page showed; one naming any other action is refused (409), nothing recorded."""
+    proposal_id = propose(agent)
+    log_in(driver, admin, token)
+    open_detail(driver, admin, proposal_id)
+    field = driver.find_element(By.CSS_SELECTOR, "#approve-form input[name=action_digest]")
+    assert field.get_attribute("type") == "hidden"
+    assert field.get_attribute("value") == driver.find_element(By.ID, "action-digest").text.strip()
+    driver.execute_script("document.querySelector('#approve-form input[name=action_digest]').value = '0'.repeat(64)")
+    submit(driver, driver.find_element(By.ID, "approve"))
+    assert status(driver) == 409, driver.page_source
+    assert "action changed" in driver.find_element(By.ID, "error").text
+    assert agent.get(proposal_id).state == pdp_pb2.PENDING_APPROVAL
+
+    open_detail(driver, admin, proposal_id)
+    submit(driver, driver.find_element(By.ID, "approve"))
+    assert state(driver) == "APPROVED"

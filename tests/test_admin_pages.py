@@ -29,6 +29,7 @@ CSP = (
 )
 _numbers = itertools.count(1)
 _CSRF = re.compile(r'name="csrf_token" value="([^"]*)"')
+_DIGEST = re.compile(r'name="action_digest" value="([0-9a-f]{64})"')
 
 
 @dataclass
@@ -63,6 +64,11 @@ class Admin:
             rows = conn.execute(select(approvals).where(approvals.c.proposal_id == proposal_id)).mappings().all()
         return [(r["approver_id"], r["verdict"], r["comment"]) for r in rows]
 
+    def row_digest(self, proposal_id: str) -> str:
+        row = self.server.row(proposal_id)
+        assert row is not None
+        return str(row["action_digest"])
+
     def state(self, proposal_id: str) -> str:
         with self.server.engine.connect() as conn:
             return str(conn.execute(select(proposals.c.state).where(proposals.c.id == proposal_id)).scalar_one())
@@ -78,6 +84,13 @@ def csrf(page: httpx.Response) -> str:
     found = _CSRF.search(page.text)
     assert found and found.group(1), page.text
     return found.group(1)
+
+
+def shown_digest(page: httpx.Response) -> str:
+    """The action digest the page's forms carry (the same in both forms)."""
+    found: set[str] = set(_DIGEST.findall(page.text))
+    assert len(found) == 1, page.text
+    return found.pop()
 
 
 def login(browser: httpx.Client, token: str) -> httpx.Response:
@@ -173,6 +186,9 @@ def test_list_and_detail_render(admin: Admin) -> None:
         assert "proposal.decided" in by_id(detail, "timeline") and "0 of 2" in by_id(detail, "requirements")
         for form in ("approve-form", "reject-form"):
             assert re.search(rf'<form[^>]*id="{form}"[^>]*method="post"', detail.text)
+        # Both forms send back the digest of the action this page showed (the vote is refused if it changed).
+        assert detail.text.count('type="hidden" name="action_digest"') == 2
+        assert shown_digest(detail) == by_id(detail, "action-digest") == admin.row_digest(first)
         assert 'name="reason"' in detail.text and 'id="approve"' in detail.text and 'id="reject"' in detail.text
         assert detail.text.count(f'name="csrf_token" value="{csrf(detail)}"') == 3  # approve, reject, sign out
         assert 'id="why-not"' not in detail.text
@@ -192,14 +208,21 @@ def test_posts_without_the_csrf_token_change_nothing(admin: Admin) -> None:
     _, browser = admin.signed_in(LEADS)
     _, other = admin.signed_in(LEADS)
     with closing(browser), closing(other):
-        token = csrf(browser.get(f"/proposals/{proposal}"))
+        page = browser.get(f"/proposals/{proposal}")
+        token, seen = csrf(page), shown_digest(page)
         for data in ({}, {"csrf_token": ""}, {"csrf_token": "0" * 64}, {"csrf_token": csrf(other.get("/"))}):
             for verb, text in (("approve", {"comment": "ok"}), ("reject", {"reason": "no"})):
                 response = browser.post(f"/proposals/{proposal}/{verb}", data={**text, **data})
                 assert response.status_code == 403 and "CSRF" in by_id(response, "error")
             assert browser.post("/logout", data=data).status_code == 403
         assert admin.votes(proposal) == [] and admin.state(proposal) == "PENDING_APPROVAL"
-        response = browser.post(f"/proposals/{proposal}/approve", data={"comment": "fine", "csrf_token": token})
+        # Without the digest the page showed, the form is malformed and nothing is recorded.
+        missing = browser.post(f"/proposals/{proposal}/approve", data={"comment": "fine", "csrf_token": token})
+        assert missing.status_code == 422 and "action_digest" in by_id(missing, "error")
+        assert admin.votes(proposal) == []
+        response = browser.post(
+            f"/proposals/{proposal}/approve", data={"comment": "fine", "csrf_token": token, "action_digest": seen}
+        )
         assert response.status_code == 303 and response.headers["location"] == f"/proposals/{proposal}"
         assert [v[1:] for v in admin.votes(proposal)] == [("approve", "fine")]
 
@@ -215,7 +238,10 @@ def test_reject_from_the_page_then_errors_render_with_their_status(admin: Admin)
         done = browser.post(f"/proposals/{proposal}/reject", data={"reason": "not now", "csrf_token": token})
         assert done.status_code == 303 and admin.state(proposal) == "REJECTED"
         assert by_id(browser.get(f"/proposals/{proposal}"), "state") == "REJECTED"
-        again = late.post(f"/proposals/{proposal}/approve", data={"csrf_token": csrf(late.get("/"))})
+        again = late.post(
+            f"/proposals/{proposal}/approve",
+            data={"csrf_token": csrf(late.get("/")), "action_digest": admin.row_digest(proposal)},
+        )
         assert again.status_code == 409 and "REJECTED" in by_id(again, "error")
         assert f'href="/proposals/{proposal}"' in again.text
         unknown = late.get(f"/proposals/{uuid.uuid4()}")
@@ -229,8 +255,12 @@ def test_agent_text_is_escaped(admin: Admin) -> None:
     proposal = admin.bulk_close(justification=payload, note=payload)
     _, browser = admin.signed_in(LEADS)
     with closing(browser):
-        token = csrf(browser.get(f"/proposals/{proposal}"))
-        browser.post(f"/proposals/{proposal}/approve", data={"comment": payload, "csrf_token": token})
+        page = browser.get(f"/proposals/{proposal}")
+        voted = browser.post(
+            f"/proposals/{proposal}/approve",
+            data={"comment": payload, "csrf_token": csrf(page), "action_digest": shown_digest(page)},
+        )
+        assert voted.status_code == 303, voted.text
         detail = browser.get(f"/proposals/{proposal}")
         for raw in XSS:
             assert raw not in detail.text

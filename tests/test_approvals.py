@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,14 +21,19 @@ from conftest import BackgroundServer, Server, fresh_database, running_server, s
 from execution import Target, executor_config, running_executor, target_server
 from sqlalchemy import func, select
 
-from pdp.approvals.service import ApprovalService
+from pdp.approvals import signed
+from pdp.approvals.service import ApprovalService, VoteResult
+from pdp.audit import chain, events
+from pdp.audit.keys import load_public, public_path
+from pdp.audit.verify import verify
 from pdp.client import PdpClient
 from pdp.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from pdp.identity.approvers import Approver, add_approver, revoke_approver
 from pdp.policy.loader import load_bundle
 from pdp.store.database import create_db_engine
 from pdp.store.migrate import upgrade
-from pdp.store.models import audit_events, execution_tickets
+from pdp.store.models import audit_events, execution_tickets, proposals
+from pdp.store.proposals import ProposalRecord, record_proposal
 from pdp.v1 import pdp_pb2
 
 OWNER = "alice"
@@ -99,6 +105,11 @@ class World:
         assert response.state == pdp_pb2.PENDING_APPROVAL, response
         return response.proposal_id
 
+    def approve(self, approver: Approver, pid: str, comment: str = "") -> VoteResult:
+        """Look at the proposal as this approver, then approve the action shown."""
+        shown = self.service.detail(approver, pid).action_digest
+        return self.service.approve(approver, pid, comment, action_digest=shown)
+
     def state(self, pid: str) -> str:
         return pdp_pb2.ProposalState.Name(self.client.get(pid).state)
 
@@ -142,11 +153,11 @@ def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
 def test_a_quorum_of_two_needs_two_distinct_approvers_then_the_executor_runs_it(world: World) -> None:
     pid = world.pending()
     lead1, lead2 = world.approver("lead-1", "leads"), world.approver("lead-2", "leads")
-    first = world.service.approve(lead1, pid, "looks right")
+    first = world.approve(lead1, pid, "looks right")
     assert first.state == "PENDING_APPROVAL"
     assert [(r.min_approvals, r.approvals) for r in first.requirements] == [(2, 1)]
     assert world.state(pid) == "PENDING_APPROVAL" and world.tickets(pid) == 0
-    second = world.service.approve(lead2, pid)
+    second = world.approve(lead2, pid)
     assert second.state == "APPROVED"
     assert world.tickets(pid) == 1
     with running_executor(world.executor_config()):
@@ -161,14 +172,23 @@ def test_a_quorum_of_two_needs_two_distinct_approvers_then_the_executor_runs_it(
     assert approved["ticket"]["payload"]
     votes = [data for kind, data in world.events(pid) if kind == "approval.granted"]
     assert {v["action_digest"] for v in votes} == {world.server.row(pid)["action_digest"]}  # type: ignore[index]
+    # The request and both votes carry the PDP's signature, and every row agrees with the chain after execution.
+    key = load_public(public_path(signing_key()))
+    request = signed.open_request(key, dict(world.events(pid))["proposal.decided"]["approval_request"])
+    assert (request.proposal_id, request.owner, request.action_digest) == (pid, OWNER, votes[0]["action_digest"])
+    assert [(r.groups, r.min_approvals) for r in request.requirements] == [(("leads",), 2)]
+    assert [signed.open_vote(key, v["vote"]).approver_id for v in votes] == ["lead-1", "lead-2"]
+    report = verify(world.server.engine, public_key=key)
+    assert report.intact and report.rows is not None and report.rows.agree, report.disagreements
+    assert report.rows.proposals == 1 and report.rows.unsigned_requests == 0
 
 
 def test_one_approver_in_the_groups_of_two_requirements_counts_for_both(world: World) -> None:
     pid = world.pending(two=True, oncall=True)  # 2 of leads AND 1 of ops
     both = world.approver("lead-ops", "leads", "ops")
     lead = world.approver("lead-only", "leads")
-    assert world.service.approve(both, pid).state == "PENDING_APPROVAL"  # leads 1/2, ops 1/1
-    assert world.service.approve(lead, pid).state == "APPROVED"
+    assert world.approve(both, pid).state == "PENDING_APPROVAL"  # leads 1/2, ops 1/1
+    assert world.approve(lead, pid).state == "APPROVED"
 
 
 def test_separation_of_duties_and_one_vote_each(world: World) -> None:
@@ -177,12 +197,12 @@ def test_separation_of_duties_and_one_vote_each(world: World) -> None:
     outsider = world.approver("bob", "finance")
     lead = world.approver("lead-1", "leads")
     with pytest.raises(PermissionDenied, match="separation of duties"):
-        world.service.approve(owner, pid)
+        world.approve(owner, pid)
     with pytest.raises(PermissionDenied, match="not in a required group"):
-        world.service.approve(outsider, pid)
-    world.service.approve(lead, pid)
+        world.approve(outsider, pid)
+    world.approve(lead, pid)
     with pytest.raises(PermissionDenied, match="already voted"):
-        world.service.approve(lead, pid)
+        world.approve(lead, pid)
     with pytest.raises(PermissionDenied, match="already voted"):
         world.service.reject(lead, pid, "changed my mind")
     assert world.state(pid) == "PENDING_APPROVAL"
@@ -196,7 +216,7 @@ def test_separation_of_duties_and_one_vote_each(world: World) -> None:
 def test_one_rejection_rejects_and_the_agent_reads_the_reason(world: World) -> None:
     pid = world.pending()
     lead1, lead2 = world.approver("lead-1", "leads"), world.approver("lead-2", "leads")
-    world.service.approve(lead1, pid)
+    world.approve(lead1, pid)
     with pytest.raises(InvalidArgument, match="reason"):
         world.service.reject(lead2, pid, "   ")
     assert world.service.reject(lead2, pid, "wrong customer").state == "REJECTED"
@@ -207,7 +227,7 @@ def test_one_rejection_rejects_and_the_agent_reads_the_reason(world: World) -> N
         ("lead-2", "reject", "wrong customer"),
     ]
     with pytest.raises(FailedPrecondition, match="REJECTED"):
-        world.service.approve(world.approver("lead-3", "leads"), pid)
+        world.approve(world.approver("lead-3", "leads"), pid)
     assert world.tickets(pid) == 0
     rejected = dict(world.events(pid))["approval.rejected"]
     assert rejected["comment"] == "wrong customer" and rejected["to_state"] == "REJECTED"
@@ -217,7 +237,7 @@ def test_voting_after_cancellation_is_a_conflict(world: World) -> None:
     pid = world.pending()
     world.client.cancel(pid)
     with pytest.raises(FailedPrecondition, match="CANCELLED"):
-        world.service.approve(world.approver("lead-1", "leads"), pid)
+        world.approve(world.approver("lead-1", "leads"), pid)
 
 
 def test_a_revoked_approver_cannot_vote(world: World) -> None:
@@ -227,19 +247,19 @@ def test_a_revoked_approver_cannot_vote(world: World) -> None:
     from pdp.errors import Unauthenticated
 
     with pytest.raises(Unauthenticated):
-        world.service.approve(lead, pid)
+        world.approve(lead, pid)
     assert world.state(pid) == "PENDING_APPROVAL"
 
 
 def test_a_policy_tightened_before_quorum_denies_at_quorum(world: World) -> None:
     pid = world.pending()
     lead1, lead2 = world.approver("lead-1", "leads"), world.approver("lead-2", "leads")
-    world.service.approve(lead1, pid)
+    world.approve(lead1, pid)
     assert world.server.running is not None
     world.server.running.bundles.swap(
         load_bundle(write_bundle(world.tmp / "tightened", world.target.url, tightened=True))
     )
-    assert world.service.approve(lead2, pid).state == "DENIED"
+    assert world.approve(lead2, pid).state == "DENIED"
     proposal = world.client.get(pid)
     assert proposal.state == pdp_pb2.DENIED
     assert "rule:freeze" in [r.rule_id for r in proposal.decision.reasons]
@@ -259,7 +279,7 @@ def test_expiry_without_votes_expires_and_never_executes(world: World) -> None:
     # The agent's read sees it expired (the sweeper would too, within a second).
     assert world.state(pid) == "EXPIRED"
     with pytest.raises(FailedPrecondition, match="EXPIRED"):
-        world.service.approve(lead, pid)
+        world.approve(lead, pid)
     assert world.service.pending(lead) == []
     assert [t for t, _ in world.events(pid)] == ["proposal.decided", "proposal.expired"]
     assert world.tickets(pid) == 0
@@ -270,9 +290,10 @@ def test_a_vote_arriving_after_the_deadline_expires_it_and_is_refused(world: Wor
     lead = world.approver("lead-1", "leads")
     assert world.server.running is not None
     world.server.running.sweeper.cancel()  # so that the vote is the first to notice
+    shown = world.service.detail(lead, pid).action_digest  # looked in time, clicked too late
     time.sleep(1.2)
     with pytest.raises(FailedPrecondition, match="expired"):
-        world.service.approve(lead, pid)
+        world.service.approve(lead, pid, action_digest=shown)
     assert world.state(pid) == "EXPIRED"
     assert [t for t, _ in world.events(pid)] == ["proposal.decided", "proposal.expired"]
 
@@ -297,19 +318,25 @@ def test_two_replicas_completing_the_quorum_at_once_issue_one_ticket(tmp_path: P
             results: dict[str, str] = {}
             for round_ in range(5):
                 pid = world.pending()
-                world.service.approve(world.approver(f"first-{round_}", "leads"), pid)
+                world.approve(world.approver(f"first-{round_}", "leads"), pid)
                 voters = [
                     (a.running.approvals, world.approver(f"x-{round_}", "leads")),
                     (b.running.approvals, world.approver(f"y-{round_}", "leads")),
                 ]
                 barrier = threading.Barrier(2)
 
+                shown = a.running.approvals.detail(voters[0][1], pid).action_digest
+
                 def vote(
-                    service: ApprovalService, approver: Approver, pid: str = pid, barrier: threading.Barrier = barrier
+                    service: ApprovalService,
+                    approver: Approver,
+                    pid: str = pid,
+                    barrier: threading.Barrier = barrier,
+                    shown: str = shown,
                 ) -> None:
                     barrier.wait()
                     try:
-                        results[approver.id] = service.approve(approver, pid).state
+                        results[approver.id] = service.approve(approver, pid, action_digest=shown).state
                     except FailedPrecondition:
                         results[approver.id] = "conflict"
 
@@ -372,7 +399,7 @@ def test_a_bundle_that_reads_usage_is_re_decided_with_usage_at_quorum(world: Wor
     assert world.server.running is not None
     world.server.running.bundles.swap(load_bundle(write_bundle(world.tmp / "usage", world.target.url, usage=True)))
     # Without fresh counters the `busy` rule could not evaluate, fail closed, and deny what the quorum approved.
-    assert world.service.approve(world.approver("oncall-1", "ops"), pid).state == "APPROVED"
+    assert world.approve(world.approver("oncall-1", "ops"), pid).state == "APPROVED"
     assert world.tickets(pid) == 1
 
 
@@ -383,3 +410,23 @@ def test_a_page_of_the_list_is_filled_after_filtering(world: World) -> None:
     page = world.service.pending_page(world.approver("oncall-1", "ops"), limit=1)
     assert [p.proposal_id for p in page.items] == [mine]
     assert page.next_cursor is None and page.prev_cursor is None
+
+
+def test_a_proposal_decided_before_requests_were_signed_cannot_be_approved(world: World) -> None:
+    """After an upgrade, a proposal pending from before has no signed request: it expires, no vote counts on it."""
+    pid = world.pending()
+    with world.server.engine.connect() as conn:
+        row = conn.execute(select(proposals).where(proposals.c.id == pid)).mappings().one()
+    legacy = replace(ProposalRecord.from_row(row), id=str(uuid.uuid4()), idempotency_key="")
+    with world.server.engine.begin() as conn:  # as the PDP recorded one before it signed approval requests
+        record_proposal(conn, legacy)
+        chain.append(conn, events.proposal_decided(legacy))
+    lead = world.approver("lead-1", "leads")
+    detail = world.service.detail(lead, legacy.id)
+    assert not detail.can_vote and "recorded before approvals were signed" in detail.why_not
+    with pytest.raises(FailedPrecondition, match="recorded before approvals were signed"):
+        world.service.approve(lead, legacy.id, action_digest=detail.action_digest)
+    assert world.tickets(legacy.id) == 0
+    report = verify(world.server.engine, public_key=load_public(public_path(signing_key())))
+    assert report.rows is not None and report.rows.unsigned_requests == 1
+    assert report.rows.agree, report.disagreements  # not a disagreement: the rows match the (older) events

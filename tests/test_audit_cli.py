@@ -254,3 +254,24 @@ def test_export_since_is_inclusive(cli: Cli) -> None:
     since = second["recorded_at"].isoformat()
     exported = [json.loads(line)["seq"] for line in cli("audit", "export", "--since", since)[1].splitlines()]
     assert exported[:1] == [2], f"--since {since}"
+
+
+def test_verify_reports_rows_that_disagree_with_the_chain_apart(cli: Cli) -> None:
+    """A row changed outside the PDP is not a chain break: its own lines, and exit status 3."""
+    _populate(cli.database_url)
+    code, out, _ = cli("audit", "verify", "--no-checkpoint-file")
+    assert code == 0, out
+    assert "rows:        3 proposals compared with the chain, 0 disagreement(s)" in out
+    assert "ok: the audit log is intact and the rows agree with it" in out
+    engine = create_db_engine(cli.database_url)
+    with engine.begin() as conn:
+        cancelled = conn.execute(text("SELECT id FROM proposals WHERE state = 'CANCELLED'")).scalar_one()
+        conn.execute(text("UPDATE proposals SET state = 'PENDING_APPROVAL' WHERE id = :id"), {"id": cancelled})
+    engine.dispose()
+    code, out, _ = cli("audit", "verify", "--no-checkpoint-file")
+    assert code == 3, out
+    assert "1 disagreement(s)" in out
+    assert f"DISAGREE proposal {cancelled}: the stored state PENDING_APPROVAL differs from CANCELLED" in out
+    assert "FAIL: the audit log is intact, but the rows above disagree with it" in out
+    code, out, _ = cli("audit", "verify", "--no-checkpoint-file", "--no-rows")
+    assert code == 0 and "not compared with the chain (--no-rows)" in out, out

@@ -31,7 +31,7 @@ from test_audit_chain import assert_chain_intact, chain_rows, decided_events, pu
 from pdp.audit import chain
 from pdp.audit.checkpoints import Checkpoint, append_to_file, read_file, sign_head, stored
 from pdp.audit.keys import load_private
-from pdp.audit.roles import AUDIT_TABLES, AUDIT_VIEWS, create_roles
+from pdp.audit.roles import AUDIT_TABLES, AUDIT_VIEWS, AUDITED_PROPOSAL_COLUMNS, AUDITED_VOTE_COLUMNS, create_roles
 from pdp.audit.verify import POSTGRES_TRIGGERS, SQLITE_TRIGGERS, Report, missing_triggers, verify
 from pdp.canonical import canonical_json
 from pdp.client import PdpClient
@@ -727,6 +727,15 @@ def test_the_writer_appends_and_the_auditor_reads(audit_db: AuditDb, roles: Role
                 {"p": response.proposal_id},
             ).one()
             assert tuple(decided) == ("needs_approval", "as the writer")
+            # What verify compares with the log, and nothing more: no justification, no vote comment.
+            conn.execute(text(f"SELECT {', '.join(AUDITED_PROPOSAL_COLUMNS)} FROM proposals")).all()
+            conn.execute(text(f"SELECT {', '.join(AUDITED_VOTE_COLUMNS)} FROM approvals")).all()
+        # So `pdp audit verify` runs as an auditor, rows included: the one real proposal agrees with its events
+        # (this fixture's ten synthetic decisions have no rows, and are reported so).
+        report = verify(auditor, public_key=public_key(), checkpoint_file=None)
+        assert report.intact and report.rows is not None and not report.rows.error, report
+        assert report.rows.proposals == 1
+        assert {d.proposal_id for d in report.disagreements} == {str(uuid.UUID(int=i)) for i in range(1, EVENTS + 1)}
         head = chain_rows(audit_db.engine)[-1]
         for statement in (
             "INSERT INTO audit_events (chain, seq, event_id, type, actor, policy_version, body, prev_hash, hash) "
@@ -737,6 +746,9 @@ def test_the_writer_appends_and_the_auditor_reads(audit_db: AuditDb, roles: Role
             "DELETE FROM audit_checkpoints",
             "TRUNCATE audit_events",
             "SELECT * FROM proposals",
+            "SELECT justification FROM proposals",
+            "SELECT idempotency_key FROM proposals",
+            "SELECT comment FROM approvals",
             "UPDATE proposals SET state = 'APPROVED'",
             "SELECT * FROM agents",
             "INSERT INTO agents (id, owner, roles, labels, token_hash, created_at) "

@@ -164,7 +164,9 @@ def populate(url: str) -> Log:
         approvals = server.running.approvals
         add_approver(server.engine, "oncall-1", ["ops-oncall"])
         add_approver(server.engine, "lead-1", ["support-leads"])
-        assert approvals.approve(approvals.approver("oncall-1"), critical, "real outage").state == "APPROVED"
+        oncall = approvals.approver("oncall-1")
+        shown = approvals.detail(oncall, critical).action_digest
+        assert approvals.approve(oncall, critical, "real outage", action_digest=shown).state == "APPROVED"
         assert approvals.reject(approvals.approver("lead-1"), doomed, "keep the history").state == "REJECTED"
     return Log(
         version,

@@ -22,6 +22,7 @@ from executor import breakers, claims
 from executor.config import BreakerSettings
 from executor.worker import MAX_RESULT_BYTES, bounded
 from pdp.audit.keys import load_public, public_path
+from pdp.audit.verify import verify
 from pdp.observability.collectors import ExecutorState
 from pdp.policy.loader import load_bundle
 from pdp.store.models import audit_events, circuit_breakers, executions
@@ -37,6 +38,12 @@ class Setup(Stack):
 def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
     with execution_stack(request.param, tmp_path, crm=True) as stack:
         yield Setup(**vars(stack))
+
+
+def rows_agree(setup: Setup) -> None:
+    """`pdp audit verify` finds every row the executors moved where their events say (no false disagreement)."""
+    report = verify(setup.engine, public_key=load_public(public_path(signing_key())), checkpoint_file=None)
+    assert report.rows is not None and report.rows.agree, report.disagreements
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
@@ -93,6 +100,7 @@ def test_kill_9_mid_call_on_an_idempotent_tool_retries_with_the_same_key(setup: 
     ]
     with setup.engine.connect() as conn:
         assert conn.execute(select(executions.c.attempt).where(executions.c.proposal_id == pid)).scalar_one() == 2
+    rows_agree(setup)
 
 
 def test_an_idempotent_tool_gives_up_after_max_attempts(setup: Setup) -> None:
@@ -344,6 +352,7 @@ def test_a_worker_finishing_after_recovery_took_over_is_kept_as_late_result(setu
     kinds = setup.audit_types(pid)
     assert kinds[-2:] == ["execution.unknown", "execution.late_result"]
     assert dict(setup.audit(pid))["execution.late_result"]["result"] == {"status": 201}
+    rows_agree(setup)
 
 
 def test_results_past_the_limit_are_cut_to_a_preview() -> None:

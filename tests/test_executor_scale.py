@@ -134,3 +134,5 @@ def test_two_executors_share_the_work_and_run_each_proposal_exactly_once(tmp_pat
             assert report.first_bad_seq is None, report.problem
             assert not report.triggers_missing, report.triggers_missing
             assert report.events >= 3 * PROPOSALS  # decided, started, succeeded for each
+            # Every row two executors moved agrees with the transitions they recorded.
+            assert report.rows is not None and report.rows.agree, report.disagreements[:5]

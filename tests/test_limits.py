@@ -223,7 +223,9 @@ def test_a_budget_can_escalate_to_approval_and_approved_spend_counts(database_ur
         assert server.running is not None
         approvals = server.running.approvals
         add_approver(server.engine, "fin-1", ["finance"])
-        assert approvals.approve(approvals.approver("fin-1"), escalated.proposal_id).state == "APPROVED"
+        finance = approvals.approver("fin-1")
+        shown = approvals.detail(finance, escalated.proposal_id).action_digest
+        assert approvals.approve(finance, escalated.proposal_id, action_digest=shown).state == "APPROVED"
         # 14 now spent: even a cheap allowed proposal needs approval for the rest of the day.
         assert propose(client, cost=0.5).state == pdp_pb2.PENDING_APPROVAL
 

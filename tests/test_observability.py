@@ -168,7 +168,9 @@ def test_metrics_after_a_scripted_run(database_url: str) -> None:
         approvals = server.running.approvals if server.running else pytest.fail("in-process server")
         add_approver(server.engine, "oncall-metrics", ["ops-oncall"])
         waiting = [r.proposal_id for r in responses if r.decision.outcome == pdp_pb2.NEEDS_APPROVAL]
-        assert approvals.approve(approvals.approver("oncall-metrics"), waiting[0], "ok").state == "APPROVED"
+        oncall = approvals.approver("oncall-metrics")
+        shown = approvals.detail(oncall, waiting[0]).action_digest
+        assert approvals.approve(oncall, waiting[0], "ok", action_digest=shown).state == "APPROVED"
         _, approved = scrape(url)
         assert delta(after, approved, "pdp_approval_seconds_count", result="approved") == 1
         assert value(approved, "pdp_pending_approvals") == pending - 1
@@ -249,8 +251,9 @@ def test_propose_continues_the_agents_trace_and_its_log_lines_name_it(
     approvals = server.running.approvals if server.running else pytest.fail("in-process server")
     approver = f"oncall-{secrets.token_hex(4)}"
     add_approver(server.engine, approver, ["ops-oncall"])
+    shown = approvals.detail(approvals.approver(approver), proposal_id).action_digest
     with json_log("pdp", logging.INFO) as log:
-        assert approvals.approve(approvals.approver(approver), proposal_id).state == "APPROVED"
+        assert approvals.approve(approvals.approver(approver), proposal_id, action_digest=shown).state == "APPROVED"
     vote = finished(spans, "pdp.approval.vote", proposal_id)
     assert vote.attributes is not None
     assert (vote.attributes["pdp.verdict"], vote.attributes["pdp.state"]) == ("approve", "APPROVED")

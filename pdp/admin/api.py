@@ -35,6 +35,7 @@ JUSTIFICATION_NOTE = "written by the agent; not verified and never seen by polic
 # itself (after str.strip(), whose whitespace includes \x1c-\x1f) and words its errors better than a regex.
 NO_NUL = r"^[^\x00]*$"
 NOT_BLANK = r"^[^\x00]*[^\x00\s\x1c-\x1f][^\x00]*$"
+DIGEST = r"^[0-9a-f]{64}$"
 
 
 # --- wire models ---------------------------------------------------------------------------------------
@@ -141,6 +142,7 @@ class Detail(BaseModel):
     agent_revoked_at: datetime | None
     owner: str
     action: dict[str, Any]
+    action_digest: str = Field(description="SHA-256 of the action shown; send it back with your vote")
     justification: Justification
     outcome: str
     boundary: str
@@ -166,6 +168,7 @@ class Detail(BaseModel):
             agent_revoked_at=d.agent_revoked_at,
             owner=d.owner,
             action=d.action,
+            action_digest=d.action_digest,
             justification=Justification(text=d.justification),
             outcome=d.outcome,
             boundary=d.boundary,
@@ -201,6 +204,11 @@ class Vote(BaseModel):
 
 class ApproveBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    action_digest: str = Field(
+        pattern=DIGEST,
+        description="required: the `action_digest` of the proposal as you were shown it (GET …/{id}); "
+        "409 when the proposal's action is not that one any more",
+    )
     comment: str = Field(
         default="",
         max_length=MAX_TEXT,
@@ -217,6 +225,11 @@ class RejectBody(BaseModel):
         description="required, not blank; sent back to the agent",
         json_schema_extra={"pattern": NOT_BLANK},
     )
+    action_digest: str | None = Field(
+        default=None,
+        pattern=DIGEST,
+        description="optional: the `action_digest` you were shown; when given, 409 unless it is the proposal's",
+    )
 
 
 # --- routes --------------------------------------------------------------------------------------------
@@ -227,7 +240,8 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         401: "missing, unknown or revoked approver token",
         403: "not eligible (to decide this proposal; to release an agent one owns)",
         404: "no such proposal",
-        409: "no longer pending approval (for a release: the agent is not quarantined)",
+        409: "no longer pending approval, the action is not the one you were shown, or the proposal's rows "
+        "disagree with its audit log (for a release: the agent is not quarantined)",
         422: "malformed request; `field` names the culprit",
     }
     responses: dict[int | str, dict[str, Any]] = {
@@ -305,21 +319,15 @@ def get_proposal(id: str, approver: ApproverDep, service: ServiceDep) -> Detail:
 
 
 @router.post("/proposals/{id}/approve", response_model=Vote, responses=_errors(401, 403, 404, 409, 422))
-def approve(
-    id: str,
-    approver: ApproverDep,
-    service: ServiceDep,
-    body: Annotated[ApproveBody | None, Body()] = None,
-) -> Vote:
-    """Approve, with an optional comment. The body may be ``{}`` or absent."""
-    comment = body.comment if body is not None else ""
-    return Vote.of(service.approve(approver, proposal_id(id), comment))
+def approve(id: str, approver: ApproverDep, service: ServiceDep, body: Annotated[ApproveBody, Body()]) -> Vote:
+    """Approve the action you were shown (its `action_digest`), with an optional comment."""
+    return Vote.of(service.approve(approver, proposal_id(id), body.comment, action_digest=body.action_digest))
 
 
 @router.post("/proposals/{id}/reject", response_model=Vote, responses=_errors(401, 403, 404, 409, 422))
 def reject(id: str, approver: ApproverDep, service: ServiceDep, body: RejectBody) -> Vote:
     """Reject, with a reason that goes back to the agent. One eligible rejection rejects the proposal."""
-    return Vote.of(service.reject(approver, proposal_id(id), body.reason))
+    return Vote.of(service.reject(approver, proposal_id(id), body.reason, action_digest=body.action_digest or ""))
 
 
 @router.post(

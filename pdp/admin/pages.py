@@ -236,19 +236,33 @@ def detail(request: Request, id: str, user: UserDep) -> Response:
     )
 
 
+# The detail page's forms carry the digest of the action they showed; the vote is refused if it changed since.
+DigestField = Annotated[str, Form()]
+
+
 @router.post("/proposals/{id}/approve")
 def approve(
-    request: Request, id: str, user: UserDep, comment: Annotated[str, Form()] = "", csrf_token: CsrfField = ""
+    request: Request,
+    id: str,
+    user: UserDep,
+    comment: Annotated[str, Form()] = "",
+    action_digest: DigestField = "",
+    csrf_token: CsrfField = "",
 ) -> Response:
     _check_csrf(request, user, csrf_token)
-    result = service_of(request).approve(user.approver, proposal_id(id), comment)
+    result = service_of(request).approve(user.approver, proposal_id(id), comment, action_digest=action_digest)
     return RedirectResponse(f"/proposals/{result.proposal_id}", status_code=303)
 
 
 @router.post("/proposals/{id}/reject")
 def reject(
-    request: Request, id: str, user: UserDep, reason: Annotated[str, Form()] = "", csrf_token: CsrfField = ""
+    request: Request,
+    id: str,
+    user: UserDep,
+    reason: Annotated[str, Form()] = "",
+    action_digest: DigestField = "",
+    csrf_token: CsrfField = "",
 ) -> Response:
     _check_csrf(request, user, csrf_token)
-    result = service_of(request).reject(user.approver, proposal_id(id), reason)
+    result = service_of(request).reject(user.approver, proposal_id(id), reason, action_digest=action_digest)
     return RedirectResponse(f"/proposals/{result.proposal_id}", status_code=303)

@@ -8,22 +8,29 @@ Every vote is one unit of the group-commit writer: it takes the audit chain's lo
 serialises it against votes in other replicas), re-reads the proposal and the approver, and writes
 the vote, any state change, the ticket and their audit events in one transaction. So two approvers
 completing a quorum at the same instant produce exactly one transition and one ticket.
+
+What counts is what the audit chain recorded and the PDP signed (:mod:`pdp.approvals.history`): the
+decision's signed approval request (requirements, owner, expiry, the action digest) and the signed votes.
+The rows (``proposals``, ``approvals``) are for display; a vote on a proposal whose rows disagree with its
+chain is refused (409) and logged, and a vote must name the action digest its approver was shown.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy import Connection, Engine, insert, select, update
 
-from pdp.approvals import listing, quorum
+from pdp.approvals import history, listing, quorum, signed
+from pdp.approvals.consistency import StoredProposal, StoredVote, disagreements, stored_action_digest
+from pdp.approvals.history import History
 from pdp.approvals.quorum import APPROVE, REJECT, Vote
+from pdp.approvals.signed import ApprovalRequest
 from pdp.audit import chain
 from pdp.audit.chain import Event
 from pdp.canonical import timestamp
@@ -37,11 +44,11 @@ from pdp.identity.approvers import Approver, active_approver, authenticate_appro
 from pdp.identity.names import same_identity
 from pdp.observability import logs, metrics, tracing
 from pdp.policy.bundle import ActiveBundle
-from pdp.policy.decision import Decision, Outcome
+from pdp.policy.decision import ApprovalRequirement, Outcome
 from pdp.policy.engine import decide
 from pdp.proposals.recorded import decision_input
 from pdp.proposals.states import ProposalState
-from pdp.store.models import agents, approvals, audit_events, proposals
+from pdp.store.models import agents, approvals, proposals
 from pdp.store.proposals import ApprovalRecord, ProposalRecord, get_proposal_for_update, insert_ticket
 from pdp.store.writer import GroupCommitWriter
 
@@ -100,6 +107,8 @@ class ProposalDetail:
     agent_id: str
     owner: str
     action: dict[str, Any]
+    # Of the action shown: a vote must send it back, and is refused unless it is the one the PDP decided.
+    action_digest: str
     # The agent's own words: recorded, shown, never verified and never seen by policy.
     justification: str
     outcome: str
@@ -132,11 +141,65 @@ def _owner(record: ProposalRecord) -> str:
     return str(record.decision_input.get("agent", {}).get("owner", ""))
 
 
-def _requirements(decision: Decision, votes: Sequence[Vote]) -> tuple[RequirementView, ...]:
+def _requirements(requirements: Sequence[ApprovalRequirement], votes: Sequence[Vote]) -> tuple[RequirementView, ...]:
     return tuple(
         RequirementView(p.requirement.source, p.requirement.groups, p.requirement.min_approvals, p.approvals)
-        for p in quorum.progress(decision.approval_requirements, votes)
+        for p in quorum.progress(requirements, votes)
     )
+
+
+def stored_digest(record: ProposalRecord) -> str:
+    """The digest of the stored action, as the executor will compute it before it runs anything."""
+    stored = record.stored_action if record.stored_action is not None else record.action
+    return stored_action_digest(record.action_json, stored)
+
+
+def _stored(record: ProposalRecord) -> StoredProposal:
+    return StoredProposal(
+        record.id,
+        record.agent_id,
+        record.state.value,
+        stored_digest(record),
+        record.action_digest,
+        record.decision.to_dict(),
+        record.decision_input,
+    )
+
+
+_VOTE_ROWS = select(approvals).order_by(approvals.c.decided_at, approvals.c.approver_id)
+
+
+def _vote_rows(conn: Connection, proposal_id: str) -> list[StoredVote]:
+    rows = conn.execute(_VOTE_ROWS.where(approvals.c.proposal_id == proposal_id)).mappings()
+    return [StoredVote(r["approver_id"], r["verdict"], tuple(r["groups"]), r["action_digest"]) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class Trusted:
+    """A pending proposal as its audit chain has it, its rows agreeing: what a vote may be counted against."""
+
+    request: ApprovalRequest
+    decided: Mapping[str, Any]  # data of its proposal.decided event: the action and input as decided
+    history: History
+
+
+def _trust(conn: Connection, record: ProposalRecord, public_key: Ed25519PublicKey) -> Trusted | str:
+    """The signed request and votes of a pending proposal, or why no vote may be recorded on it now."""
+    found, _ = history.load(conn, record.id, public_key)
+    return _judge(record, found, _vote_rows(conn, record.id))
+
+
+def _judge(record: ProposalRecord, found: History, rows: Sequence[StoredVote]) -> Trusted | str:
+    if not found.pending:
+        return f"the proposal is {found.state or 'unknown'} (as its audit log records), not pending approval"
+    if found.request is None:
+        return f"it cannot be approved: {found.request_problem or 'its audit log holds no approval request'}"
+    wrong = disagreements(_stored(record), rows, found)
+    if wrong:
+        return "its database rows disagree with its audit log (" + "; ".join(wrong) + ")"
+    if found.decided is None:  # disagreements() reports a missing decision; this only tells the type checker
+        return "its audit log holds no decision"
+    return Trusted(found.request, found.decided, found)
 
 
 def _seconds_left(record: ProposalRecord, now: datetime) -> int:
@@ -157,15 +220,12 @@ def _load(conn: Connection, proposal_id: str) -> ProposalRecord:
     return ProposalRecord.from_row(row)
 
 
-_VOTES = select(approvals).order_by(approvals.c.decided_at, approvals.c.approver_id)
-
-
 def _votes(conn: Connection, proposal_ids: Sequence[str]) -> dict[str, list[tuple[Vote, ApprovalRecord]]]:
-    """The votes on each proposal, in the order they were cast (one query for all of them)."""
+    """The vote rows of each proposal, for the pending list (one query for all of them; display only)."""
     found: dict[str, list[tuple[Vote, ApprovalRecord]]] = {pid: [] for pid in proposal_ids}
     if not proposal_ids:
         return found
-    for r in conn.execute(_VOTES.where(approvals.c.proposal_id.in_(list(proposal_ids)))).mappings():
+    for r in conn.execute(_VOTE_ROWS.where(approvals.c.proposal_id.in_(list(proposal_ids)))).mappings():
         found[r["proposal_id"]].append(
             (
                 Vote(r["approver_id"], frozenset(r["groups"]), r["verdict"]),
@@ -224,6 +284,7 @@ class ApprovalService:
         self._writer = writer
         self._bundles = bundles
         self._key = signing_key
+        self._public = signing_key.public_key()
         self._environment = environment
         self._ticket_ttl = ticket_ttl
         self._clock = clock
@@ -277,7 +338,7 @@ class ApprovalService:
                     created_at=record.created_at,
                     expires_at=record.decision.approval_expires_at,
                     seconds_left=_seconds_left(record, now),
-                    requirements=_requirements(record.decision, votes),
+                    requirements=_requirements(record.decision.approval_requirements, votes),
                     agent_revoked_at=agent_revoked_at,
                 )
             )
@@ -288,7 +349,11 @@ class ApprovalService:
         )
 
     def detail(self, approver: Approver, proposal_id: str) -> ProposalDetail:
-        """Everything an approver needs to decide. Any approver may read any proposal; voting is narrower."""
+        """Everything an approver needs to decide. Any approver may read any proposal; voting is narrower.
+
+        Progress and votes are the audit chain's (signed votes only); ``can_vote`` is False, with the reason,
+        wherever a vote would be refused, including a proposal whose rows disagree with its chain.
+        """
         now = self._clock()
         with self._reader.connect() as conn:
             record = _load(conn, proposal_id)
@@ -296,39 +361,41 @@ class ApprovalService:
             record = self._writer.submit(lambda conn: expire_if_due(conn, proposal_id, now)[0]).result()
         with self._reader.connect() as conn:
             agent_revoked_at = revoked_at(conn, record.agent_id)
-            votes = _votes(conn, [proposal_id])[proposal_id]
-            timeline = conn.execute(
-                select(audit_events.c.seq, audit_events.c.type, audit_events.c.actor, audit_events.c.body)
-                .where(audit_events.c.proposal_id == proposal_id)
-                .order_by(audit_events.c.seq)
-            ).all()
-        plain = [vote for vote, _ in votes]
-        why_not = ""
+            events = history.events_of(conn, proposal_id)
+            rows = _vote_rows(conn, proposal_id) if record.decision.approval_requirements else []
+        found = history.read(proposal_id, events, self._public)
+        votes = found.quorum_votes()
+        trusted = _judge(record, found, rows) if record.state is PENDING else None
+        decision = record.decision
+        requirements = found.request.requirements if found.request else decision.approval_requirements
         if record.state is not PENDING:
             why_not = f"the proposal is {record.state.value}, not pending approval"
         elif agent_revoked_at is not None:
             why_not = _revoked(record.agent_id, agent_revoked_at)
+        elif isinstance(trusted, str):
+            why_not = trusted
         else:
-            why_not = quorum.ineligible(approver, _owner(record), record.decision.approval_requirements, plain) or ""
-        decision = record.decision
+            owner = found.request.owner if found.request else _owner(record)
+            why_not = quorum.ineligible(approver, owner, requirements, votes) or ""
         return ProposalDetail(
             proposal_id=record.id,
             state=record.state.value,
             agent_id=record.agent_id,
-            owner=_owner(record),
+            owner=found.request.owner if found.request else _owner(record),
             action=record.action,
+            action_digest=stored_digest(record),
             justification=record.justification,
             outcome=decision.outcome.value,
             boundary=decision.boundary,
             tier=decision.tier,
             reasons=tuple(r.to_dict() for r in decision.reasons),
             policy_version=decision.policy_version,
-            requirements=_requirements(decision, plain),
+            requirements=_requirements(requirements, votes),
             created_at=record.created_at,
             expires_at=decision.approval_expires_at,
             seconds_left=_seconds_left(record, now) if record.state is PENDING else 0,
-            approvals=tuple(view for _, view in votes),
-            timeline=tuple(TimelineEntry(t.seq, t.type, t.actor, _occurred_at(t.body)) for t in timeline),
+            approvals=tuple(_view(v) for v in found.votes),
+            timeline=tuple(TimelineEntry(e.seq, e.type, e.actor, e.occurred_at) for e in events),
             can_vote=not why_not,
             why_not=why_not,
             agent_revoked_at=agent_revoked_at,
@@ -336,15 +403,21 @@ class ApprovalService:
 
     # --- votes -------------------------------------------------------------------------------------
 
-    def approve(self, approver: Approver, proposal_id: str, comment: str = "") -> VoteResult:
-        return self._vote(approver, proposal_id, APPROVE, _text("comment", comment, required=False))
+    def approve(self, approver: Approver, proposal_id: str, comment: str = "", *, action_digest: str) -> VoteResult:
+        """Approve the action whose digest ``action_digest`` the approver was shown (required)."""
+        seen = _digest("action_digest", action_digest, required=True)
+        return self._vote(approver, proposal_id, APPROVE, _text("comment", comment, required=False), seen)
 
-    def reject(self, approver: Approver, proposal_id: str, reason: str) -> VoteResult:
-        return self._vote(approver, proposal_id, REJECT, _text("reason", reason, required=True))
+    def reject(self, approver: Approver, proposal_id: str, reason: str, *, action_digest: str = "") -> VoteResult:
+        """Reject; when ``action_digest`` is given it must be the proposal's, as for an approval."""
+        seen = _digest("action_digest", action_digest, required=False)
+        return self._vote(approver, proposal_id, REJECT, _text("reason", reason, required=True), seen)
 
-    def _vote(self, approver: Approver, proposal_id: str, verdict: str, text: str) -> VoteResult:
+    def _vote(self, approver: Approver, proposal_id: str, verdict: str, text: str, seen: str) -> VoteResult:
         with tracing.vote_span(proposal_id, verdict, approver.id) as span, logs.context(proposal_id=proposal_id):
-            outcome = self._writer.submit(lambda conn: self._vote_unit(conn, approver.id, proposal_id, verdict, text))
+            outcome = self._writer.submit(
+                lambda conn: self._vote_unit(conn, approver.id, proposal_id, verdict, text, seen)
+            )
             result = outcome.result()  # committed, including an expiry this vote found
             span.set_attribute("pdp.state", result.state)
             if result.state != PENDING.value:
@@ -354,16 +427,13 @@ class ApprovalService:
             log.info("%s by %s: the proposal is %s", verdict, approver.id, result.state)
             return result
 
-    def _vote_unit(self, conn: Connection, approver_id: str, proposal_id: str, verdict: str, text: str) -> VoteResult:
+    def _vote_unit(
+        self, conn: Connection, approver_id: str, proposal_id: str, verdict: str, text: str, seen: str
+    ) -> VoteResult:
         now = self._clock()
         record, expired = expire_if_due(conn, proposal_id, now)  # takes the chain's lock, then the row's
-        earlier = _votes(conn, [proposal_id])[proposal_id]
-        requirements = record.decision.approval_requirements
-        votes = [vote for vote, _ in earlier]
         if expired:
-            return VoteResult(
-                record.id, record.state.value, _requirements(record.decision, votes), (), record.created_at
-            )
+            return VoteResult(record.id, record.state.value, (), (), record.created_at)
         agent_revoked_at = revoked_at(conn, record.agent_id)  # under the chain's lock, like revocation itself
         if agent_revoked_at is not None:  # even if a row was left pending: a revoked agent's work is never approved
             raise FailedPrecondition(
@@ -371,10 +441,21 @@ class ApprovalService:
             )
         if record.state is not PENDING:
             raise FailedPrecondition(f"proposal {proposal_id} is {record.state.value}, not pending approval")
+        trusted = _trust(conn, record, self._public)
+        if isinstance(trusted, str):
+            # Someone changed the rows (or the log) outside the PDP: nothing is decided on them until a human looks.
+            log.error("vote on proposal %s refused: %s", proposal_id, trusted)
+            raise FailedPrecondition(f"proposal {proposal_id}: {trusted}; nothing was recorded")
+        request, votes = trusted.request, trusted.history.quorum_votes()
         approver = active_approver(conn, approver_id)  # revoked since login → 401; groups as of now
-        why = quorum.ineligible(approver, _owner(record), requirements, votes)
+        why = quorum.ineligible(approver, request.owner, request.requirements, votes)
         if why:
             raise PermissionDenied(why)
+        if seen and seen != request.action_digest:
+            raise FailedPrecondition(
+                f"the action changed since you saw it (you were shown {seen[:12]}…, the proposal's action is "
+                f"{request.action_digest[:12]}…): reload the proposal and decide again; nothing was recorded"
+            )
         groups = sorted(approver.groups)
         conn.execute(
             insert(approvals).values(
@@ -383,23 +464,32 @@ class ApprovalService:
                 verdict=verdict,
                 comment=text,
                 groups=groups,
-                action_digest=record.action_digest,
+                action_digest=request.action_digest,
                 decided_at=now,
             )
+        )
+        vote = signed.sign_vote(
+            self._key,
+            proposal_id=record.id,
+            approver_id=approver.id,
+            verdict=verdict,
+            action_digest=request.action_digest,
+            groups=groups,
+            decided_at=now,
         )
         votes.append(Vote(approver.id, frozenset(groups), verdict))
         state = PENDING
         if verdict == REJECT:
             state = ProposalState.REJECTED
-        elif quorum.quorum_met(requirements, votes):
+        elif quorum.quorum_met(request.requirements, votes):
             state = ProposalState.APPROVED
-        self._append_vote(conn, record, approver, verdict, text, groups, now, state)
+        self._append_vote(conn, record, approver, verdict, text, groups, vote, request, now, state)
         if state is ProposalState.APPROVED:
-            state = self._at_quorum(conn, record, votes, now)
+            state = self._at_quorum(conn, record, trusted, votes, now)
         elif state is ProposalState.REJECTED:
             self._set_state(conn, record.id, state, now)
-        views = (*(view for _, view in earlier), ApprovalRecord(approver.id, verdict, text, now))
-        return VoteResult(record.id, state.value, _requirements(record.decision, votes), views, record.created_at)
+        views = (*(_view(v) for v in trusted.history.votes), ApprovalRecord(approver.id, verdict, text, now))
+        return VoteResult(record.id, state.value, _requirements(request.requirements, votes), views, record.created_at)
 
     def _append_vote(
         self,
@@ -409,14 +499,17 @@ class ApprovalService:
         verdict: str,
         text: str,
         groups: list[str],
+        vote: signed.Signed,
+        request: ApprovalRequest,
         now: datetime,
         state: ProposalState,
     ) -> None:
         data: dict[str, Any] = {
             "verdict": verdict,
             "comment": text,
-            "action_digest": record.action_digest,
+            "action_digest": request.action_digest,
             "groups": groups,
+            "vote": vote.audit(),  # what quorum counts: the PDP's signature over this vote
         }
         if state is ProposalState.REJECTED:
             data.update(from_state=PENDING.value, to_state=state.value)
@@ -433,10 +526,24 @@ class ApprovalService:
             ),
         )
 
-    def _at_quorum(self, conn: Connection, record: ProposalRecord, votes: list[Vote], now: datetime) -> ProposalState:
-        """Re-decide with the current bundle: deny wins (→ DENIED); anything else → APPROVED with a ticket."""
+    def _at_quorum(
+        self, conn: Connection, record: ProposalRecord, trusted: Trusted, votes: list[Vote], now: datetime
+    ) -> ProposalState:
+        """Re-decide with the current bundle: deny wins (→ DENIED); anything else → APPROVED with a ticket.
+
+        The action and input are the ones the audit chain recorded with the decision (the rows agreed with them
+        a moment ago), and the ticket binds the action digest of the signed request.
+        """
         bundle = self._bundles.current
-        request = replace(decision_input(record.action, record.decision_input), now=now, environment=self._environment)
+        action, context = trusted.decided.get("action"), trusted.decided.get("decision_input")
+        request = replace(
+            decision_input(
+                action if isinstance(action, dict) else record.action,
+                context if isinstance(context, dict) else record.decision_input,
+            ),
+            now=now,
+            environment=self._environment,
+        )
         if bundle.uses_usage:  # the counters as they are now, as a new proposal would see them
             request = replace(request, usage=governance_store.usage(conn, record.agent_id, now))
         decision = decide(bundle, request)
@@ -486,7 +593,7 @@ class ApprovalService:
         ticket = tickets.issue(
             self._key,
             proposal_id=record.id,
-            action_digest=record.action_digest,
+            action_digest=trusted.request.action_digest,
             outcome="approved",
             approvals=approved,
             policy_version=decision.policy_version,
@@ -570,8 +677,20 @@ def _revoked(agent_id: str, at: datetime) -> str:
     return f"its agent {agent_id!r} was revoked at {timestamp(at)}"
 
 
-def _occurred_at(body: str) -> str:
-    try:
-        return str(json.loads(body).get("occurred_at", ""))
-    except ValueError:
+def _digest(field: str, value: str, *, required: bool) -> str:
+    if not value and not required:
         return ""
+    if not value:
+        raise InvalidArgument(field, "is required: the action_digest of the proposal you were shown")
+    if not signed.DIGEST.match(value):
+        raise InvalidArgument(field, "must be 64 lowercase hexadecimal characters (a SHA-256 digest)")
+    return value
+
+
+def _view(counted: history.CountedVote) -> ApprovalRecord:
+    vote = counted.vote
+    return ApprovalRecord(vote.approver_id, vote.verdict, counted.comment, _parse_time(vote.decided_at))
+
+
+def _parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))

@@ -4,7 +4,8 @@ Event types (``type``), fixed because auditors' queries and the views in migrati
 
     proposal.decided    the proposal as received and its decision: action, justification, decision
                         (outcome, reasons, boundary, tier, approval requirements), decision_input
-                        (agent snapshot, now, environment, usage), initial state, idempotency key
+                        (agent snapshot, now, environment, usage), initial state, idempotency key;
+                        ``ticket`` when allowed, ``approval_request`` (signed) when it needs approval
     proposal.cancelled  the agent withdrew a pending proposal (actor ``agent:<id>``), or its agent was revoked
                         (actor the operator, e.g. ``cli:<user>``; ``reason: agent revoked``; ``from_state``
                         PENDING_APPROVAL or APPROVED)
@@ -21,7 +22,8 @@ Execution (recorded by the executor; ``data`` always has ``tool``, ``resource`` 
     execution.failed        the connector failed or timed out; ``error`` (credentials scrubbed)
     execution.unknown       a worker died mid-call on a tool that is not idempotent: a human must reconcile
     execution.retrying      a worker died mid-call on an idempotent tool: it runs again after ``backoff_seconds``
-    execution.refused       the ticket did not permit execution (``reason``: ticket.bad_signature, …); nothing ran
+    execution.refused       the ticket did not permit execution (``reason``: ticket.bad_signature, …); nothing ran;
+                            ``to_state`` is the state it leaves the proposal in (what the log recorded stands)
     execution.late_result   a worker finished after its lease lapsed; the result is kept here for reconciliation
     circuit.opened          a breaker opened after failures, or after its trial failed (``until``); ``scope``:
                             ``tool`` (every agent), or ``agent`` (``agent_id``: that agent's own, for that tool)
@@ -38,21 +40,82 @@ Policy hot reload (recorded by ``pdp serve``; actor ``pdp``; ``data.reason`` is 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pdp.audit.chain import Event
 from pdp.store.proposals import ProposalRecord
 
 if TYPE_CHECKING:
+    from pdp.approvals.signed import Signed
     from pdp.execution.tickets import SignedTicket
 
 DECIDED = "proposal.decided"
 CANCELLED = "proposal.cancelled"
+GRANTED = "approval.granted"
+REJECTED = "approval.rejected"
 AGENT_REVOKED = "agent.revoked"
+REFUSED = "execution.refused"
+VOTES = (GRANTED, REJECTED)
+
+# The state an event leaves its proposal in, where its type says it. Any other event that changes a
+# proposal's state carries ``data.to_state`` (``proposal.decided``: ``data.state``); a new kind of transition
+# must do the same, or `pdp audit verify` reports the proposal's row as disagreeing with its events.
+_STATE_OF_TYPE = {
+    "proposal.approved": "APPROVED",
+    "proposal.denied": "DENIED",
+    "proposal.expired": "EXPIRED",
+    "proposal.cancelled": "CANCELLED",
+    REJECTED: "REJECTED",
+    "execution.started": "EXECUTING",
+    "execution.succeeded": "SUCCEEDED",
+    "execution.failed": "FAILED",
+    "execution.unknown": "UNKNOWN",
+}
+# Events that change no proposal's state and whose data the approval history never reads.
+_NO_TRANSITION = frozenset(
+    {
+        "execution.retrying",
+        "execution.late_result",
+        "agent.quarantined",
+        "agent.released",
+        AGENT_REVOKED,
+        "circuit.opened",
+        "circuit.closed",
+        "policy.activated",
+        "policy.refused",
+    }
+)
+# Whose data the approval history reads: the decision, the votes, a re-decision at quorum.
+_READ = frozenset({DECIDED, GRANTED, REJECTED, "proposal.denied"})
 
 
-def proposal_decided(record: ProposalRecord, ticket: SignedTicket | None = None) -> Event:
+def state_after(event_type: str, data: Mapping[str, Any]) -> str | None:
+    """The proposal state this event records a transition to, or None when it changes no state."""
+    known = _STATE_OF_TYPE.get(event_type)
+    if known is not None:
+        return known
+    if event_type == DECIDED:
+        state = data.get("state")
+        return state if isinstance(state, str) else None
+    if event_type == REFUSED:
+        # A refusal leaves what the log already recorded standing (data.to_state); older ones always failed.
+        to_state = data.get("to_state", "FAILED")
+        return to_state if isinstance(to_state, str) else None
+    to_state = data.get("to_state")
+    return to_state if isinstance(to_state, str) else None
+
+
+def body_needed(event_type: str) -> bool:
+    """Whether :func:`state_after` and the approval history must read this event's data (most events' types say
+    all they need, and parsing every body again would double what `pdp audit verify` costs)."""
+    return event_type in _READ or (event_type not in _STATE_OF_TYPE and event_type not in _NO_TRANSITION)
+
+
+def proposal_decided(
+    record: ProposalRecord, ticket: SignedTicket | None = None, request: Signed | None = None
+) -> Event:
     data = {
         "action": record.action,
         "action_digest": record.action_digest,
@@ -65,6 +128,8 @@ def proposal_decided(record: ProposalRecord, ticket: SignedTicket | None = None)
     }
     if ticket is not None:
         data["ticket"] = ticket.audit()
+    if request is not None:  # what the approvers' quorum is computed from (pdp.approvals.signed)
+        data["approval_request"] = request.audit()
     return Event(
         type=DECIDED,
         actor=f"agent:{record.agent_id}",

@@ -12,6 +12,10 @@ whoever holds the database's grants can append a well-formed event, and until a 
 nothing signed vouches for it. With the PDP running the tail is a second or two old; an old one means
 the PDP is not running (the executor's events after it stopped wait for its next start) or that
 someone appended behind its back.
+
+Then (:mod:`pdp.audit.rows`) it compares the mutable rows with the chain: each proposal's state, action,
+decision and votes with its events and the PDP's signatures. Those are not chain breaks, and are reported
+apart (``Report.rows``).
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Connection, Engine, select, text
 
+from pdp.audit import rows as mutable_rows
 from pdp.audit.chain import GENESIS, MAIN_CHAIN, event_hash
 from pdp.audit.checkpoints import Checkpoint, read_file, stored
+from pdp.audit.rows import Disagreement, RowsReport
 from pdp.canonical import timestamp
 from pdp.store.models import audit_events
 
@@ -75,10 +81,17 @@ class Report:
     # them has no readable occurred_at (then undated is set: its age is unknown).
     unsigned_since: datetime | None = None
     undated: bool = False
+    # The rows against the chain; None when not checked (no public key, or not asked for).
+    rows: RowsReport | None = None
 
     @property
     def intact(self) -> bool:
+        """The chain, its checkpoints and the triggers (the rows are judged apart: ``rows.agree``)."""
         return self.first_bad_seq is None and not self.triggers_missing
+
+    @property
+    def disagreements(self) -> list[Disagreement]:
+        return self.rows.disagreements if self.rows is not None else []
 
     def fail(self, seq: int, problem: str) -> None:
         if self.first_bad_seq is None:
@@ -133,6 +146,7 @@ def verify(
     checkpoint_file: Path | None = None,
     from_seq: int = 1,
     chain: str = MAIN_CHAIN,
+    check_rows: bool = True,
 ) -> Report:
     report = Report()
     # The file first: a checkpoint signed after the database snapshot below would otherwise name a seq
@@ -195,6 +209,8 @@ def verify(
                     f"the chain ends at seq {report.head_seq} but a checkpoint ({source}) was signed at seq "
                     f"{cp.seq}: events were removed (truncated or rolled back)",
                 )
+    if check_rows and public_key is not None:
+        report.rows = mutable_rows.check(engine, public_key, chain)
     return report
 
 

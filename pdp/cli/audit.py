@@ -14,6 +14,7 @@ from sqlalchemy import select
 from pdp.audit.checkpoints import append_to_file, sign_head
 from pdp.audit.keys import KeyFileError, init_key, load_private, load_public, public_path
 from pdp.audit.roles import create_roles
+from pdp.audit.rows import RowsReport
 from pdp.audit.verify import Report, describe, stale_tail, unsigned_age, verify
 from pdp.canonical import timestamp
 from pdp.config import add_arguments, from_args
@@ -36,7 +37,11 @@ def register(commands: Any) -> None:
     audit: argparse.ArgumentParser = commands.add_parser("audit", help="the audit log")
     sub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
 
-    ver = sub.add_parser("verify", help="recompute the chain and check checkpoints; exit 0 intact, 1 not")
+    ver = sub.add_parser(
+        "verify",
+        help="recompute the chain, check checkpoints, compare the rows with it; exit 0 intact, 1 chain broken, "
+        "3 rows disagree",
+    )
     ver.add_argument("--checkpoints", type=Path, default=None, help="checkpoint file (default: PDP_CHECKPOINT_FILE)")
     ver.add_argument("--no-checkpoint-file", action="store_true", help="check database checkpoints only")
     ver.add_argument("--public-key", type=Path, default=None, help="default: the signing key's .pub file")
@@ -49,6 +54,7 @@ def register(commands: Any) -> None:
         f"report them (default {DEFAULT_MAX_UNSIGNED_AGE}; a running PDP signs the head every second or so)",
     )
     ver.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    ver.add_argument("--no-rows", action="store_true", help="check the chain only, not the rows against it")
     add_arguments(ver, ("database_url", "signing_key", "checkpoint_file"))
     ver.set_defaults(handler=run_verify)
 
@@ -64,9 +70,12 @@ def register(commands: Any) -> None:
 
 
 def register_db(db_sub: Any) -> None:
-    roles = db_sub.add_parser("roles", help="PostgreSQL: create the append-only writer and read-only auditor roles")
+    roles = db_sub.add_parser(
+        "roles", help="PostgreSQL: create the service's writer, the executor's and the read-only auditor's roles"
+    )
     roles.add_argument("--writer", default="pdp_writer")
     roles.add_argument("--auditor", default="pdp_auditor")
+    roles.add_argument("--executor", default="pdp_executor")
     add_arguments(roles, ("database_url",))
     roles.set_defaults(handler=run_roles)
 
@@ -105,6 +114,7 @@ def run_verify(args: argparse.Namespace) -> int:
         public_key=public_key,
         checkpoint_file=checkpoint_file,
         from_seq=args.from_seq,
+        check_rows=not args.no_rows,
     )
     now = datetime.now(UTC)
     failures: list[str] = []
@@ -129,9 +139,18 @@ def run_verify(args: argparse.Namespace) -> int:
             "every second while it runs; the executor's events after it stopped wait for its next start), or "
             "someone appended behind its back. Review them; then start the PDP or run `pdp audit checkpoint`"
         )
+    rows_failure = ""
+    if report.rows is not None and report.rows.error:
+        rows_failure = "FAIL: the rows could not be compared with the audit log (connect as a role that may read them)"
+    elif report.rows is not None and not report.rows.agree:
+        rows_failure = "FAIL: the audit log is intact, but the rows disagree with it (changed outside the PDP)"
+    status = 1 if failures else (ROWS_DISAGREE if rows_failure else 0)
     if args.json:
-        print(json.dumps(_verify_json(report, checkpoint_file, now, max_age, failures, notes), indent=2))
-        return 1 if failures else 0
+        document = _verify_json(report, checkpoint_file, now, max_age, failures, notes)
+        document["ok"] = status == 0
+        document["rows"] = _rows_json(report.rows)
+        print(json.dumps(document, indent=2))
+        return status
     print(f"events:      {report.events} verified, head seq {report.head_seq} hash {report.head_hash[:16]}…")
     print(f"checkpoints: {report.checkpoints} checked" + (f" (incl. {checkpoint_file})" if checkpoint_file else ""))
     print(f"unsigned:    {_tail_text(report, now)}")
@@ -139,13 +158,17 @@ def run_verify(args: argparse.Namespace) -> int:
         "triggers:    "
         + ("in place" if not report.triggers_missing else "MISSING " + ", ".join(report.triggers_missing))
     )
+    _print_rows(report.rows)
     for note in notes:
         print(f"note:        {note}")
     for failure in failures:
         print(failure)
     if failures:
-        return 1
-    print("ok: the audit log is intact")
+        return status
+    if rows_failure:
+        print(rows_failure)
+        return status
+    print("ok: the audit log is intact" + (" and the rows agree with it" if report.rows is not None else ""))
     return 0
 
 
@@ -196,6 +219,44 @@ def _verify_json(
         "verified_at": timestamp(now),
         "failures": failures,
         "notes": notes,
+    }
+
+
+ROWS_DISAGREE = 3  # the chain is intact; proposals or votes were changed outside the PDP
+LISTED_ROWS = 50
+
+
+def _print_rows(rows: RowsReport | None) -> None:
+    if rows is None:
+        print("rows:        not compared with the chain (--no-rows)")
+        return
+    if rows.error:
+        print(f"rows:        NOT COMPARED: {rows.error}")
+        return
+    line = f"rows:        {rows.proposals} proposals compared with the chain, {rows.disagreeing} disagreement(s)"
+    if rows.unsigned_requests:
+        line += f"; {rows.unsigned_requests} approval request(s) unsigned (recorded before requests were signed)"
+    print(line)
+    for d in rows.disagreements[:LISTED_ROWS]:
+        print(f"  DISAGREE proposal {_printable(d.proposal_id)}: {_printable(d.problem)}")
+    if rows.disagreeing > LISTED_ROWS:
+        print(f"  … and {rows.disagreeing - LISTED_ROWS} more")
+
+
+def _printable(text: str) -> str:
+    """Rows may hold anything a database writer put there: no control character reaches the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _rows_json(rows: RowsReport | None) -> dict[str, Any] | None:
+    if rows is None:
+        return None
+    return {
+        "proposals": rows.proposals,
+        "disagreeing": rows.disagreeing,
+        "unsigned_requests": rows.unsigned_requests,
+        "error": rows.error or None,
+        "disagreements": [{"proposal_id": d.proposal_id, "problem": d.problem} for d in rows.disagreements],
     }
 
 
@@ -251,6 +312,9 @@ def run_roles(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    create_roles(engine, args.writer, args.auditor)
-    print(f"roles {args.writer} (append-only on the audit log) and {args.auditor} (read-only) are in place")
+    create_roles(engine, args.writer, args.auditor, args.executor)
+    print(
+        f"roles {args.writer} (pdp serve), {args.executor} (pdp-executor; no votes, no tickets) and "
+        f"{args.auditor} (read-only) are in place; the log is append-only to all of them"
+    )
     return 0

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Connection, Engine
 
+from pdp.approvals import signed
 from pdp.approvals.notify import Notifier
 from pdp.approvals.service import expire_if_due, overdue
 from pdp.audit import chain, events
@@ -133,6 +134,11 @@ class ProposalService:
             if decision is not None and decision.outcome is Outcome.ALLOW
             else None
         )
+        early_request = (
+            self._approval_request(proposal_id, agent, action_digest, decision)
+            if decision is not None and decision.outcome is Outcome.NEEDS_APPROVAL
+            else None
+        )
 
         def unit(conn: Connection) -> Recorded:
             require_active(conn, caller)
@@ -140,7 +146,7 @@ class ProposalService:
             replay = store.find_replay(conn, agent.id, proposal.idempotency_key, action_digest)
             if replay is not None:
                 return replay
-            exact, ruled, ticket = request, decision, early_ticket
+            exact, ruled, ticket, approval = request, decision, early_ticket, early_request
             if ruled is None:
                 exact = replace(request, usage=governance_store.usage(conn, agent.id, now))
                 ruled = self._decide(bundle, exact)
@@ -151,6 +157,10 @@ class ProposalService:
                 ticket = None
             elif ticket is None or final is not ruled:
                 ticket = self._ticket(proposal_id, action_digest, final, now)
+            if final.outcome is not Outcome.NEEDS_APPROVAL:
+                approval = None
+            elif approval is None or final is not ruled:  # decided here, or a limit escalated it
+                approval = self._approval_request(proposal_id, agent, action_digest, final)
             record = ProposalRecord(
                 id=proposal_id,
                 agent_id=agent.id,
@@ -171,7 +181,7 @@ class ProposalService:
             store.record_proposal(conn, record)
             if ticket is not None:
                 store.insert_ticket(conn, ticket)
-            chain.append(conn, events.proposal_decided(record, ticket))  # no decision without its audit event
+            chain.append(conn, events.proposal_decided(record, ticket, approval))  # no decision without its event
             for event in governed.events:
                 chain.append(conn, event)
             hits.extend(governed.hits)
@@ -194,6 +204,19 @@ class ProposalService:
             policy_version=decision.policy_version,
             issued_at=now,
             ttl=self._ticket_ttl,
+        )
+
+    def _approval_request(
+        self, proposal_id: str, agent: AgentIdentity, action_digest: str, decision: Decision
+    ) -> signed.Signed:
+        """What the approvers' quorum will be computed from: the requirements, owner and expiry, signed."""
+        return signed.sign_request(
+            self._key,
+            proposal_id=proposal_id,
+            agent_id=agent.id,
+            owner=agent.owner,
+            action_digest=action_digest,
+            decision=decision,
         )
 
     @staticmethod

@@ -61,6 +61,8 @@ class ProposalRecord:
     approvals: tuple[ApprovalRecord, ...] = ()
     charged_usd: float = 0.0
     limited_by: str | None = None
+    # The JSONB copy as read back (set by from_row): it must say what action_json says, or the row was edited.
+    stored_action: dict[str, Any] | None = None
 
     def row(self) -> dict[str, Any]:
         return {
@@ -106,6 +108,7 @@ class ProposalRecord:
             execution=_execution(row),
             charged_usd=float(row.get("charged_usd") or 0.0),
             limited_by=row.get("limited_by"),
+            stored_action=row["action"],
         )
 
 
