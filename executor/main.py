@@ -32,18 +32,21 @@ class StartupError(Exception):
     """The executor refuses to start; the message says why."""
 
 
-def build_connectors(settings: Settings, catalog: dict[str, Tool]) -> dict[str, Connector]:
+def build_connectors(settings: Settings, catalog: dict[str, Tool], redactor: Redactor) -> dict[str, Connector]:
+    """Every configured tool's connector, sharing ``redactor``, which learns every connector's credentials."""
     connectors: dict[str, Connector] = {}
     try:
         for name, section in settings.tools.items():
             tool = catalog.get(name)
             if tool is None:
                 raise StartupError(f"tools.{name}: no such tool in the catalog of {settings.policy_dir}")
-            context = ConnectorContext(tool=tool, base_dir=Path.cwd(), environ=dict(os.environ))
+            context = ConnectorContext(tool=tool, base_dir=Path.cwd(), environ=dict(os.environ), redactor=redactor)
             try:
                 connectors[name] = factory(tool.type)(section, context)
             except ConnectorConfigError as exc:
                 raise StartupError(f"tools.{name}: {exc}") from exc
+            # Whether or not the connector registered them itself: every tool's calls are scrubbed of all of them.
+            redactor.add(connectors[name].secrets())
     except StartupError:
         for connector in connectors.values():
             connector.close()
@@ -62,8 +65,8 @@ def build(settings: Settings, *, clock: Callable[[], datetime] = utc_now) -> Exe
     except KeyFileError as exc:
         raise StartupError(f"{exc} (the PDP's public key; `pdp keys init` writes it next to the private key)") from exc
     catalog = dict(bundle.tools)
-    connectors = build_connectors(settings, catalog)
-    redactor = Redactor([secret for connector in connectors.values() for secret in connector.secrets()])
+    redactor = Redactor()
+    connectors = build_connectors(settings, catalog, redactor)
     reader = create_db_engine(settings.database_url, pool_size=2)
     writer = create_db_engine(settings.database_url, writer=True, pool_size=2)
     try:

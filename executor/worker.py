@@ -44,6 +44,8 @@ log = logging.getLogger("executor")
 T = TypeVar("T")
 # Results are stored with the proposal and in the audit log; past this they are cut to a preview.
 MAX_RESULT_BYTES = 64 * 1024
+# An error message is stored the same way; a connector's (a plugin's) may be any length.
+MAX_ERROR_CHARS = 4096
 RECOVERY_SECONDS = 1.0
 FINISH_RETRIES = 5
 
@@ -56,11 +58,19 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 
 
-def bounded(result: dict[str, Any]) -> dict[str, Any]:
+def bounded(result: dict[str, Any], redactor: Redactor) -> dict[str, Any]:
+    """``result`` (already scrubbed), or past ``MAX_RESULT_BYTES`` a preview of its JSON, scrubbed again as
+    text (serialising may join or escape what was scrubbed apart) and cut with no piece of a credential."""
     text = canonical_json(result)
     if len(text) <= MAX_RESULT_BYTES:
         return result
-    return {"truncated": True, "preview": text[: MAX_RESULT_BYTES // 2].decode("utf-8", errors="ignore")}
+    preview = redactor.cut(text.decode("utf-8"), MAX_RESULT_BYTES // 2, unit="bytes").text
+    return {"truncated": True, "preview": preview}
+
+
+def bounded_error(message: str, redactor: Redactor) -> str:
+    """What is stored of an error: scrubbed whole, then cut to ``MAX_ERROR_CHARS`` with no piece of a credential."""
+    return redactor.cut(message, MAX_ERROR_CHARS).text
 
 
 class Executor:
@@ -243,18 +253,21 @@ class Executor:
         try:
             result = self._connectors[job.tool.name].execute(call)
         except ConnectorTimeout as exc:
-            return Outcome(error=self.redactor.text(f"timeout: {exc.message}"))
+            return Outcome(error=self._error(f"timeout: {exc.message}"))
         except ConnectorRejected as exc:  # the action, not the target, is at fault: the breaker ignores it
-            return Outcome(error=self.redactor.text(exc.message), counts_for_breaker=False)
+            return Outcome(error=self._error(exc.message), counts_for_breaker=False)
         except ConnectorError as exc:
-            return Outcome(error=self.redactor.text(exc.message))
+            return Outcome(error=self._error(exc.message))
         except Exception as exc:  # a connector bug fails the execution, never the executor
             log.exception("connector %s raised", job.tool.type)
-            return Outcome(error=self.redactor.text(f"connector error: {type(exc).__name__}: {exc}"))
+            return Outcome(error=self._error(f"connector error: {type(exc).__name__}: {exc}"))
         try:
-            return Outcome(result=bounded(self.redactor.value(result)))
+            return Outcome(result=bounded(self.redactor.value(result), self.redactor))
         except (TypeError, ValueError) as exc:  # e.g. a plugin returned something JSON cannot hold
-            return Outcome(error=self.redactor.text(f"connector returned a result that is not JSON: {exc}"))
+            return Outcome(error=self._error(f"connector returned a result that is not JSON: {exc}"))
+
+    def _error(self, message: str) -> str:
+        return bounded_error(message, self.redactor)
 
     def _run(self, job: Job) -> None:
         started = time.perf_counter()

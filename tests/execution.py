@@ -2,8 +2,10 @@
 
 The target records every request it receives, so tests count exactly what reached it. Paths choose
 its behaviour: ``/api/items`` answers 201 with JSON, ``/api/echo`` echoes the request headers back,
-``/api/fail`` fails with a 500 that quotes the Authorization header, ``/api/slow`` and ``/api/kv/…``
-wait ``slow_seconds`` first (``/api/kv/`` is the idempotent tool).
+``/api/fail`` fails with a 500 that quotes the Authorization header, ``/api/status/<code>`` answers ``<code>``
+with the request body and headers (as httpbin's ``/anything`` does, body first), ``/api/slow`` and
+``/api/kv/…`` wait ``slow_seconds`` first (``/api/kv/`` is the idempotent tool). Every reply's body is kept
+in ``Seen.reply``, so a test knows exactly where the target put what.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -45,6 +47,7 @@ class Seen:
     path: str
     headers: dict[str, str]
     body: bytes
+    reply: bytes = b""
 
 
 @dataclass
@@ -61,14 +64,17 @@ class Target:
         target = self
 
         class Handler(BaseHTTPRequestHandler):
+            seen: Seen  # this request, so its reply can be kept with it
+
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
             def _handle(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
+                self.seen = Seen(self.command, self.path, dict(self.headers.items()), body)
                 with target._lock:
-                    target.seen.append(Seen(self.command, self.path, dict(self.headers.items()), body))
+                    target.seen.append(self.seen)
                 if self.path.startswith(("/api/slow", "/api/kv/")):
                     time.sleep(target.slow_seconds)
                 if self.headers.get("authorization") != f"Bearer {target.token}":
@@ -78,10 +84,14 @@ class Target:
                     return self._send(target.fail_status, {"error": f"upstream broke while handling {auth}"})
                 if self.path.startswith("/api/echo"):
                     return self._send(200, {"headers": dict(self.headers.items())})
+                if self.path.startswith("/api/status/"):
+                    status = int(self.path.removeprefix("/api/status/"))
+                    return self._send(status, {"data": body.decode(), "headers": dict(self.headers.items())})
                 return self._send(201, {"id": len(target.seen), "path": self.path, "received": body.decode()})
 
             def _send(self, status: int, payload: dict[str, Any]) -> None:
                 data = json.dumps(payload).encode()
+                self.seen.reply = data
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("x-upstream-token", target.token)  # must never be returned
@@ -100,6 +110,13 @@ class Target:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}/api/"
+
+    def request_for(self, proposal_id: str) -> Seen:
+        """The one request the executor sent for ``proposal_id`` (its ``Idempotency-Key``)."""
+        with self._lock:
+            found = [s for s in self.seen if s.headers.get("Idempotency-Key") == proposal_id]
+        assert len(found) == 1, f"{len(found)} requests for {proposal_id}"
+        return found[0]
 
     def count(self, path_prefix: str = "/api/") -> int:
         with self._lock:
@@ -196,12 +213,14 @@ def executor_config(
     token_file: Path,
     crm_url_file: Path | None = None,
     timeout: str = "5s",
+    http: Mapping[str, Any] | None = None,
     **settings: Any,
 ) -> Path:
-    """An executor config file; credentials are file references, as in production."""
+    """An executor config file; credentials are file references, as in production. ``http``: more keys for
+    the sections of both http tools (``max_response_bytes``, ...)."""
+    authorization = {"Authorization": {"file": str(token_file), "template": "Bearer {}"}}
     tools: dict[str, Any] = {
-        "web": {"timeout": timeout, "headers": {"Authorization": {"file": str(token_file), "template": "Bearer {}"}}},
-        "kv": {"timeout": timeout, "headers": {"Authorization": {"file": str(token_file), "template": "Bearer {}"}}},
+        name: {"timeout": timeout, "headers": authorization, **(http or {})} for name in ("web", "kv")
     }
     if crm_url_file is not None:
         tools["crm"] = {"databases": {"crm": {"file": str(crm_url_file)}}}

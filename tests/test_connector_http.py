@@ -6,13 +6,14 @@ import json
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import free_port
+from credential_pieces import leaked
 
 from executor.connectors.base import (
     Call,
@@ -22,7 +23,7 @@ from executor.connectors.base import (
     ConnectorRejected,
     ConnectorTimeout,
 )
-from executor.connectors.http import HttpConnector, HttpSection
+from executor.connectors.http import ERROR_BODY_CHARS, HttpConnector, HttpSection
 from executor.redaction import Redactor
 from pdp.policy.catalog import Kind, Tool
 
@@ -90,6 +91,10 @@ def make_handler(target: Target) -> type[BaseHTTPRequestHandler]:
                 elif name == "slow":
                     target.release.wait(SLOW_SECONDS)
                     self._reply(200, b"{}", "application/json")
+                elif name.startswith("padded-"):  # padded-<status>-<n>: n dots, then the credential echoed
+                    _, status, pad = name.split("-")
+                    text = "." * int(pad) + f"Authorization: {headers.get('authorization')}" + "." * 20
+                    self._reply(int(status), text.encode(), "text/plain")
                 elif name == "huge":
                     self._reply(200, b"[" + b"1," * (HUGE_BYTES // 2) + b"1]", "application/json")
                 elif name == "trickle":
@@ -176,12 +181,15 @@ def test_post_sends_credentials_idempotency_key_and_json_body(connector: HttpCon
     echoed = result["body"]
     assert echoed["method"] == "POST"
     assert echoed["path"] == "/api/tickets"
-    assert echoed["headers"]["authorization"] == f"Bearer {TOKEN}"
-    assert echoed["headers"]["x-api-key"] == API_KEY
+    # The target got the credentials; the echo of them comes back scrubbed by the connector itself.
+    [seen] = target.seen
+    assert seen.headers["authorization"] == f"Bearer {TOKEN}"
+    assert seen.headers["x-api-key"] == API_KEY
+    assert echoed["headers"]["authorization"] == "[REDACTED]"
+    assert echoed["headers"]["x-api-key"] == "[REDACTED]"
     assert echoed["headers"]["idempotency-key"] == "prop-123"
     assert echoed["headers"]["content-type"] == "application/json"
     assert json.loads(echoed["body"]) == params
-    assert len(target.seen) == 1
 
 
 def test_only_selected_response_headers_are_returned(connector: HttpConnector, target: Target) -> None:
@@ -293,11 +301,9 @@ def test_an_error_status_raises_with_the_start_of_the_body(connector: HttpConnec
     message = raised.value.message
     assert message.startswith("HTTP 500: upstream broke")
     assert not isinstance(raised.value, ConnectorRejected)  # the target failed: the breaker counts it
-    # The connector reports what the server said; the executor scrubs it with the connector's secrets.
-    assert TOKEN in message
-    scrubbed = Redactor(connector.secrets()).text(message)
-    assert TOKEN not in scrubbed
-    assert "Authorization: [REDACTED]" in scrubbed
+    # The connector reports what the server said, scrubbed before it was cut to a snippet.
+    assert TOKEN not in message
+    assert message.endswith("Authorization: [REDACTED]")
 
 
 def test_a_client_error_with_an_empty_body_raises_too(connector: HttpConnector, target: Target) -> None:
@@ -339,6 +345,70 @@ def test_a_huge_body_is_truncated_and_not_parsed(target: Target, tmp_path: Path)
     assert isinstance(result["body"], str)
     assert len(result["body"]) == 1000
     assert result["body"].startswith("[1,1,")
+
+
+@pytest.mark.parametrize(
+    ("status", "max_bytes", "limit"),
+    [
+        pytest.param(200, 100, 100, id="body-limit"),
+        pytest.param(400, 100, ERROR_BODY_CHARS, id="4xx-read-limit"),
+        pytest.param(400, 10_000, ERROR_BODY_CHARS, id="4xx-snippet"),
+        pytest.param(503, 10_000, ERROR_BODY_CHARS, id="5xx-snippet"),
+    ],
+)
+def test_no_piece_of_a_credential_survives_any_cut(
+    target: Target, tmp_path: Path, status: int, max_bytes: int, limit: int
+) -> None:
+    """The echoed credential slides, one character at a time, across the cut (the body limit, the error
+    snippet) and across the read limit past ``max_response_bytes``: it comes back whole and scrubbed, or not at all."""
+    redactor = Redactor()
+    section = {**SECTION, "max_response_bytes": max_bytes}
+    made = HttpConnector(section, replace(context(tmp_path, f"{target.base}/api/"), redactor=redactor))
+    credential = len(f"Bearer {TOKEN}")
+    edges = {min(limit, max_bytes), max_bytes + redactor.overlap}  # the cut, and the read limit
+    starts = sorted({start for edge in edges for start in range(edge - credential - 2, edge + 3)})
+    scrubbed = 0
+    try:
+        for start in starts:  # where the credential starts in the body
+            resource = f"{target.base}/api/padded-{status}-{start - len('Authorization: ')}"
+            if status < 400:
+                result = made.execute(call(f"{target.base}/api/", "GET", resource))
+                text = result["body"]
+                assert len(text.encode()) <= max_bytes
+            else:
+                with pytest.raises(ConnectorError) as raised:
+                    made.execute(call(f"{target.base}/api/", "GET", resource))
+                text = raised.value.message.removeprefix(f"HTTP {status}: ")
+                assert len(text) <= limit
+            assert leaked(text, TOKEN) == [], (start, text)
+            scrubbed += "[REDACTED]" in text
+    finally:
+        made.close()
+    assert scrubbed > 0  # where the whole credential came before the cut, it was replaced, not dropped
+
+
+def test_a_body_that_fits_once_scrubbed_comes_back_whole(
+    connector: HttpConnector, target: Target, tmp_path: Path
+) -> None:
+    # The echo is longer than the limit only by the credentials in it, which scrubbing shortens.
+    echo = connector.execute(call(f"{target.base}/api/", "GET", f"{target.base}/api/tickets/1"))["body"]
+    scrubbed = len(json.dumps(echo))  # the target writes its JSON the same way
+    raw = scrubbed + len(f"Bearer {TOKEN}") + len(API_KEY) - 2 * len("[REDACTED]")
+    made = HttpConnector({**SECTION, "max_response_bytes": scrubbed}, context(tmp_path, f"{target.base}/api/"))
+    try:
+        result = made.execute(call(f"{target.base}/api/", "GET", f"{target.base}/api/tickets/1"))
+    finally:
+        made.close()
+    assert raw > scrubbed
+    assert result["truncated"] is False
+    assert result["body"] == echo
+
+
+def test_the_connector_registers_its_credentials_with_the_shared_redactor(target: Target, tmp_path: Path) -> None:
+    shared = Redactor()
+    made = HttpConnector(SECTION, replace(context(tmp_path, f"{target.base}/api/"), redactor=shared))
+    made.close()
+    assert shared.text(f"{TOKEN} {API_KEY} Bearer {TOKEN}") == "[REDACTED] [REDACTED] [REDACTED]"
 
 
 def test_a_body_within_the_limit_is_whole_and_parsed(connector: HttpConnector, target: Target) -> None:

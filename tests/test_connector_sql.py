@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from credential_pieces import leaked
 from sqlalchemy import (
     Column,
     DateTime,
@@ -26,6 +27,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy import exc as sa_exc
 
 from executor.connectors.base import Call, ConnectorConfigError, ConnectorContext, ConnectorError, ConnectorTimeout
 from executor.connectors.sql import SqlConnector
@@ -487,6 +489,24 @@ def test_secrets_are_the_url_and_its_password(tmp_path: Path) -> None:
         shown = f"{made!r} {made!s} {made.secrets()!r}"
         assert "a-long-db-password" not in shown and "db.internal" not in shown
         assert Redactor(made.secrets()).text(f"failed: {url}") == "failed: [REDACTED]"
+    finally:
+        made.close()
+
+
+def test_a_database_error_is_scrubbed_before_its_first_line_is_taken(tmp_path: Path) -> None:
+    """A driver message that quotes the URL across a line break, split anywhere: the first line keeps no piece
+    of the password (the URL's own scheme, user and host around a scrubbed password may remain)."""
+    password = "a-long-db-password"
+    url = f"postgresql://crm_user:{password}@db.internal:5432/crm"
+    made = SqlConnector(
+        section(databases={"crm": {"env": "CRM_URL"}}), ConnectorContext(CRM, tmp_path, {"CRM_URL": url})
+    )
+    try:
+        for split in range(len(url) + 1):
+            driver = Exception(f"could not use {url[:split]}\n{url[split:]} any more")
+            message = made._database_error(sa_exc.OperationalError("SELECT 1", {}, driver)).message
+            assert message.startswith("crm: could not use")
+            assert leaked(message, password) == [], message
     finally:
         made.close()
 

@@ -15,12 +15,15 @@ from typing import Any
 
 import pytest
 from conftest import signing_key
+from credential_pieces import leaked
 from execution import ExecutorProcess, Stack, execution_stack, running_executor
 from sqlalchemy import select
 
 from executor import breakers, claims
 from executor.config import BreakerSettings
-from executor.worker import MAX_RESULT_BYTES, bounded
+from executor.redaction import Redactor
+from executor.secrets import Secret
+from executor.worker import MAX_ERROR_CHARS, MAX_RESULT_BYTES, bounded, bounded_error
 from pdp.audit.keys import load_public, public_path
 from pdp.audit.verify import verify
 from pdp.observability.collectors import ExecutorState
@@ -356,8 +359,32 @@ def test_a_worker_finishing_after_recovery_took_over_is_kept_as_late_result(setu
 
 
 def test_results_past_the_limit_are_cut_to_a_preview() -> None:
+    redactor = Redactor()
     small = {"body": "x" * 100}
-    assert bounded(small) is small
-    cut = bounded({"body": "y" * (MAX_RESULT_BYTES * 2)})
+    assert bounded(small, redactor) is small
+    cut = bounded({"body": "y" * (MAX_RESULT_BYTES * 2)}, redactor)
     assert cut["truncated"] is True and cut["preview"].startswith('{"body":"yyy')
     assert len(json.dumps(cut)) <= MAX_RESULT_BYTES
+
+
+@pytest.mark.parametrize("credential", ["tok-0123456789abcdef", 'tok-"quoted"-0123456789'], ids=["plain", "escaped"])
+def test_the_preview_cut_leaves_no_piece_of_a_credential(credential: str) -> None:
+    """The preview is scrubbed as text before it is cut, wherever the cut falls across a credential (as JSON
+    writes it), even in a result whose strings nobody scrubbed."""
+    redactor = Redactor([Secret(credential)])
+    written = json.dumps(credential)[1:-1]
+    for kept in range(len(written) + 1):
+        before = "y" * (MAX_RESULT_BYTES // 2 - len('{"body":"') - kept)
+        preview = bounded({"body": before + credential + "y" * MAX_RESULT_BYTES}, redactor)["preview"]
+        assert preview.startswith('{"body":"yyy')
+        assert leaked(preview, credential) == [], kept
+
+
+def test_an_error_of_any_length_is_scrubbed_then_cut() -> None:
+    credential = "tok-0123456789abcdef"
+    redactor = Redactor([Secret(credential)])
+    assert bounded_error(f"short {credential}", redactor) == "short [REDACTED]"
+    for kept in range(len(credential) + 1):
+        error = bounded_error("e" * (MAX_ERROR_CHARS - kept) + credential + "e" * 100, redactor)
+        assert len(error) <= MAX_ERROR_CHARS
+        assert leaked(error, credential) == [], kept

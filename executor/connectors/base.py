@@ -2,19 +2,24 @@
 
 A connector derives its target only from ``Call.resource`` (the resource the policy saw), never
 from free-form params. It returns a JSON-serialisable result or raises :class:`ConnectorError`.
-The executor scrubs credentials from both before anything is stored, so connectors need not, but
-they must never put a credential in a result on purpose.
+The executor scrubs credentials from both before anything is stored, but it cannot scrub a credential
+that a connector already cut in two: a connector that shortens anything it got from a target (a read
+limit, an error snippet) does it with ``context.redactor.cut``, which scrubs first and leaves no piece
+of a credential at the cut. A connector registers each credential it resolves with
+``context.redactor.add`` (the executor also adds whatever ``secrets()`` returns), and must never put a
+credential in a result on purpose.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from executor.redaction import Redactor
 from executor.secrets import Secret
 from pdp.policy.catalog import Tool
 
@@ -72,11 +77,13 @@ class Connector(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ConnectorContext:
-    """What a connector factory gets besides its own section: resolves credential references."""
+    """What a connector factory gets besides its own section: resolves credential references, scrubs and cuts."""
 
     tool: Tool
     base_dir: Path  # relative credential files are read from here (the working directory)
     environ: Mapping[str, str]
+    # The executor passes the one redactor it scrubs everything with, so it knows every tool's credentials.
+    redactor: Redactor = field(default_factory=Redactor)
 
 
 # An entry point in the ``pdp.connectors`` group names a callable with this signature (usually the class).

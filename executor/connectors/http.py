@@ -4,7 +4,7 @@ Config section (one per tool in the executor's config)::
 
     tickets:
       timeout: 10s                  # whole call, connect to last body byte (default 10s)
-      max_response_bytes: 1048576   # body read stops here; the result says truncated (default 1 MiB)
+      max_response_bytes: 1048576   # the most body returned; the result says truncated (default 1 MiB)
       response_headers: [content-type, location, etag, retry-after]   # only these are returned (the default)
       headers:                      # sent on every request; values are always references, never inline
         Authorization: {env: TICKETS_TOKEN, template: "Bearer {}"}    # template optional, "{}" once
@@ -26,7 +26,14 @@ The request:
 
 The result is ``{"status", "headers", "body", "truncated"}``; the body is parsed JSON when the response
 says JSON and arrived whole, else text. A status of 400 or more fails the call: :class:`ConnectorRejected` for
-a 4xx other than 408 and 429 (the request was at fault), :class:`ConnectorError` otherwise.
+a 4xx other than 408 and 429 (the request was at fault), :class:`ConnectorError` otherwise, with the start of
+the body.
+
+Credentials are scrubbed before anything is cut: the body is read up to ``max_response_bytes`` plus the
+longest form of a credential (so one straddling the limit is seen whole), scrubbed, and only then cut, to
+``max_response_bytes`` or to the error snippet, by ``Redactor.cut``, which also drops any trailing fragment
+of a credential at the cut. The agent chooses its request's size and so where an echo falls; a cut made
+before scrubbing would leave the part of a credential in front of it unrecognised.
 """
 
 from __future__ import annotations
@@ -130,6 +137,7 @@ class HttpConnector:
 
     def __init__(self, section: Mapping[str, Any], context: ConnectorContext) -> None:
         self._tool = context.tool.name
+        self._redactor = context.redactor
         try:
             config = HttpSection.model_validate(dict(section))
         except ValidationError as exc:
@@ -150,6 +158,7 @@ class HttpConnector:
             full = Secret(ref.template.replace("{}", raw.reveal()))
             self._headers[name] = full
             self._secrets.extend(s for s in (raw, full) if s not in self._secrets)
+        self._redactor.add(self._secrets)
         self._client = httpx.Client(
             verify=config.verify_tls,
             follow_redirects=False,
@@ -182,7 +191,8 @@ class HttpConnector:
             # httpcore sends the "target" extension as the request target byte for byte.
             extensions = {"target": target}
             with self._client.stream(method, url, headers=headers, content=content, extensions=extensions) as response:
-                body, truncated = self._read(response, deadline)
+                # Past the limit by the longest credential form: one straddling the limit is scrubbed, not cut.
+                body, more = self._read(response, deadline, self._max_bytes + self._redactor.overlap)
         except httpx.TimeoutException:
             raise ConnectorTimeout(f"{self._tool}: no response within {self._timeout_text}") from None
         except httpx.HTTPError as exc:
@@ -191,18 +201,19 @@ class HttpConnector:
         content_type = response.headers.get("content-type", "")
         text = body.decode("utf-8", errors="replace")
         if response.status_code >= 400:
-            snippet = text[:ERROR_BODY_CHARS]
+            snippet = self._redactor.cut(text, ERROR_BODY_CHARS, more=more).text
             message = f"HTTP {response.status_code}: {snippet}" if snippet else f"HTTP {response.status_code}"
             # A 4xx refuses this request; 408, 429 and 5xx say the target is struggling (the breaker counts those).
             if response.status_code < 500 and response.status_code not in (408, 429):
                 raise ConnectorRejected(message)
             raise ConnectorError(message)
-        parsed: Any = text
-        if not truncated and body and is_json(content_type):
+        kept, truncated = self._redactor.cut(text, self._max_bytes, more=more, unit="bytes")
+        parsed: Any = kept
+        if not truncated and kept and is_json(content_type):
             try:
-                parsed = json.loads(text)
-            except ValueError:
-                parsed = text
+                parsed = json.loads(kept)
+            except ValueError:  # not JSON, or a scrubbed credential broke it
+                parsed = kept
         return {
             "status": response.status_code,
             "headers": {name: response.headers[name] for name in self._response_headers if name in response.headers},
@@ -250,8 +261,8 @@ class HttpConnector:
             raise ConnectorRejected(f"{self._tool}: resource {call.resource!r} is not on the host of the tool's prefix")
         return url, target, method
 
-    def _read(self, response: httpx.Response, deadline: float) -> tuple[bytes, bool]:
-        """At most ``max_response_bytes`` of the body, and whether there was more; gives up at the deadline."""
+    def _read(self, response: httpx.Response, deadline: float, limit: int) -> tuple[bytes, bool]:
+        """At most ``limit`` bytes of the body, and whether there was more; gives up at the deadline."""
         if time.monotonic() > deadline:
             raise httpx.ReadTimeout("deadline passed")
         chunks: list[bytes] = []
@@ -260,8 +271,8 @@ class HttpConnector:
         for chunk in response.iter_bytes():
             chunks.append(chunk)
             size += len(chunk)
-            if size > self._max_bytes:
-                return b"".join(chunks)[: self._max_bytes], True
+            if size > limit:
+                return b"".join(chunks)[:limit], True
             # A server trickling bytes would reset the per-read timeout forever; the deadline is per call.
             if time.monotonic() > deadline:
                 raise httpx.ReadTimeout("deadline passed")

@@ -148,6 +148,7 @@ class SqlConnector:
 
     def __init__(self, section: Mapping[str, Any], context: ConnectorContext) -> None:
         self._tool = context.tool.name
+        self._redactor = context.redactor
         try:
             config = SqlSection.model_validate(dict(section))
         except ValidationError as exc:
@@ -172,6 +173,7 @@ class SqlConnector:
                     # Redacting a short password would mangle ordinary text; leaving it would leak it.
                     raise ConnectorConfigError(f"{where}: the password is shorter than {MIN_SECRET_LENGTH} characters")
                 self._secrets.append(Secret(str(password)))
+        self._redactor.add(self._secrets)
         self._lock = threading.Lock()
         self._engines: dict[str, Engine] = {}
         self._tables: dict[tuple[str, str], Table] = {}
@@ -422,12 +424,17 @@ class SqlConnector:
         return schema
 
     def _database_error(self, exc: sa_exc.SQLAlchemyError) -> ConnectorError:
-        """The database's own first line; never the statement, its parameters or the URL."""
+        """The database's own first line; never the statement, its parameters or the URL.
+
+        Scrubbed whole before the first line is taken, and no piece of a credential is left at its end:
+        a driver's message may quote a connection string across lines."""
         orig = getattr(exc, "orig", None)
         if isinstance(exc, sa_exc.DBAPIError) and _is_timeout(orig):
             return ConnectorTimeout(f"{self._tool}: statement did not finish within {self._timeout_text}")
-        detail = str(orig) if isinstance(orig, BaseException) else str(exc)
-        first = detail.strip().splitlines()[0] if detail.strip() else exc.__class__.__name__
+        detail = self._redactor.text(str(orig) if isinstance(orig, BaseException) else str(exc)).strip()
+        lines = detail.splitlines()
+        first = (self._redactor.trim(lines[0]) if len(lines) > 1 else lines[0]) if lines else ""
+        first = first or exc.__class__.__name__
         if isinstance(exc, sa_exc.IntegrityError):  # a constraint refused the agent's values: not the database's fault
             return ConnectorRejected(f"{self._tool}: {first}")
         return ConnectorError(f"{self._tool}: {first}")
