@@ -1,4 +1,4 @@
-"""Migration 0006 fills ``proposals.action_json`` for proposals recorded before it, without doubt or not at all.
+"""Migration 0008 fills ``proposals.action_json`` for proposals recorded before it, without doubt or not at all.
 
 The text must be the exact canonical bytes the action digest was taken over: from the proposal's own
 ``proposal.decided`` audit event (hash-chained), else from the stored action, and only when its SHA-256 is the
@@ -23,7 +23,7 @@ PARAMS: list[dict[str, Any]] = [{"n": 1e16}, {"n": 1e300, "l": [0.1, -0.0]}, {"n
 def test_existing_proposals_get_the_bytes_their_digest_was_taken_over(database_url: str) -> None:
     with running_server(database_url) as server:
         _agent, client = server.agent_client()
-        ids = [client.propose("tickets", "POST", TICKETS, "before 0006", params=p).proposal_id for p in PARAMS]
+        ids = [client.propose("tickets", "POST", TICKETS, "before 0008", params=p).proposal_id for p in PARAMS]
         engine = server.engine
         with engine.connect() as conn:
             before = dict(conn.execute(select(proposals.c.id, proposals.c.action_json)).all())
@@ -32,7 +32,7 @@ def test_existing_proposals_get_the_bytes_their_digest_was_taken_over(database_u
             row = conn.execute(select(proposals.c.action).where(proposals.c.id == edited_copy)).scalar_one()
             conn.execute(update(proposals).where(proposals.c.id == edited_copy).values(action={**row, "params": {}}))
             conn.execute(update(proposals).where(proposals.c.id == bad_digest).values(action_digest="0" * 64))
-        command.downgrade(alembic_config(database_url), "0005")
+        command.downgrade(alembic_config(database_url), "0007")
         upgrade(database_url)
         with engine.connect() as conn:
             after = {

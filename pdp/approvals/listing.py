@@ -45,7 +45,7 @@ MAX_PAGE = 200
 MAX_CURSOR = 200
 
 # A literal, not a bound parameter: SQLite (and PostgreSQL's generic plans) can use the partial indexes on
-# pending proposals (migration 0009) only when the query names the same constant.
+# pending proposals (migration 0007) only when the query names the same constant.
 PENDING_STATE: ColumnElement[str] = literal_column(f"'{ProposalState.PENDING_APPROVAL.value}'")
 
 # The decision names its groups in JSON; each dialect has its own way to look inside.

@@ -24,7 +24,7 @@ from pdp.store.models import proposals
 
 LIMIT_ID = "max_pending_per_agent"
 DEFAULT_MAX_PENDING = 1000
-# A literal, as in the partial index ix_proposals_pending_agent (migration 0009), so the planner can use it.
+# A literal, as in the partial index ix_proposals_pending_agent (migration 0007), so the planner can use it.
 _PENDING: ColumnElement[str] = literal_column(f"'{ProposalState.PENDING_APPROVAL.value}'")
 _LIVE = (
     proposals.c.agent_id == bindparam("agent_id"),

@@ -120,7 +120,7 @@ class Proposal(Base):
     action: Mapped[dict[str, Any]]
     # The exact canonical JSON (RFC 8785) bytes the PDP digested: the form that runs and that approvals and
     # tickets bind to. `action` is a queryable copy that the database may re-serialise (JSONB rewrites
-    # numbers), so nothing is digested or executed from it. NULL only on rows migration 0006 could not fill.
+    # numbers), so nothing is digested or executed from it. NULL only on rows migration 0008 could not fill.
     action_json: Mapped[str | None] = mapped_column(Text)
     # SHA-256 of `action_json`; approvals and tickets bind to it.
     action_digest: Mapped[str] = mapped_column(String(64))

@@ -47,7 +47,7 @@ class ProposalRecord:
     session_id: str
     idempotency_key: str
     action: dict[str, Any]
-    # The canonical JSON ``action_digest`` is the SHA-256 of: what runs (None: a legacy row migration 0006
+    # The canonical JSON ``action_digest`` is the SHA-256 of: what runs (None: a legacy row migration 0008
     # could not fill; the executor refuses it).
     action_json: str | None
     action_digest: str

@@ -9,8 +9,8 @@ Existing rows are filled where it can be done without doubt: from the action of 
 ``proposal.decided`` audit event, else from the stored action, and only with a text whose SHA-256 is the
 row's ``action_digest``. A row left NULL is refused by the executor (``action.unreadable``).
 
-Revision ID: 0006
-Revises: 0009
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-04
 """
 
@@ -25,8 +25,8 @@ from sqlalchemy.dialects import postgresql
 
 from pdp.canonical import canonical_json, digest_of, loads
 
-revision: str = "0006"
-down_revision: str | None = "0009"  # chained after main's head (0009 pending indexes)
+revision: str = "0008"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -4,8 +4,8 @@ Only rows in PENDING_APPROVAL are indexed, so a proposal that is allowed or deni
 both indexes stay as small as what is waiting for humans. Queries name the state as the same literal
 (pdp/governance/pending.py, pdp/approvals/listing.py), which is what lets SQLite and PostgreSQL use them.
 
-Revision ID: 0009
-Revises: 0008
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-04
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0009"
-down_revision: str | None = "0008"
+revision: str = "0007"
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
