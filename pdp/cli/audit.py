@@ -143,7 +143,7 @@ def run_verify(args: argparse.Namespace) -> int:
     if report.rows is not None and report.rows.error:
         rows_failure = "FAIL: the rows could not be compared with the audit log (connect as a role that may read them)"
     elif report.rows is not None and not report.rows.agree:
-        rows_failure = "FAIL: the audit log is intact, but the rows disagree with it (changed outside the PDP)"
+        rows_failure = "FAIL: the audit log is intact, but the rows above disagree with it (changed outside the PDP)"
     status = 1 if failures else (ROWS_DISAGREE if rows_failure else 0)
     if args.json:
         document = _verify_json(report, checkpoint_file, now, max_age, failures, notes)

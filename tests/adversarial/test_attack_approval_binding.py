@@ -36,7 +36,7 @@ from pdp.audit import chain
 from pdp.audit.keys import load_public, public_path
 from pdp.audit.roles import create_roles
 from pdp.audit.verify import Report, verify
-from pdp.canonical import digest
+from pdp.canonical import canonical_json, digest
 from pdp.identity.approvers import add_approver
 from pdp.store.database import create_db_engine
 from pdp.store.models import approvals, audit_events, execution_tickets, proposals
@@ -83,14 +83,14 @@ class Attack:
     # --- what the attacker does with the writer's grants ----------------------------------------------------
 
     def rewrite_action(self, proposal_id: str, **params: Any) -> str:
-        """Replace the stored action's params and its digest consistently; returns the new digest."""
+        """Replace the stored action's params, its canonical text and its digest consistently; the new digest."""
         row = self.row(proposal_id)
         action = {**row["action"], "params": params}
         new_digest = digest(action)
+        text = canonical_json(action).decode("utf-8")
+        values = {"action": action, "action_json": text, "action_digest": new_digest}
         with self.writer.begin() as conn:
-            conn.execute(
-                update(proposals).where(proposals.c.id == proposal_id).values(action=action, action_digest=new_digest)
-            )
+            conn.execute(update(proposals).where(proposals.c.id == proposal_id).values(**values))
         return new_digest
 
     def forge_vote_row(self, proposal_id: str, approver_id: str, groups: list[str]) -> None:

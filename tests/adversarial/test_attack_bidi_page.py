@@ -68,7 +68,9 @@ def test_the_page_shows_every_hidden_character_as_a_marker(server: Server) -> No
     proposal_id = response.proposal_id
     token = add_approver(server.engine, f"bidi-voter-{uuid.uuid4().hex[:6]}", [LEADS])
     with httpx.Client(base_url=server.admin_url, headers={"Authorization": f"Bearer {token}"}) as voter:
-        voted = voter.post(f"/api/v1/proposals/{proposal_id}/approve", json={"comment": "ok \u202eevil\u202c"})
+        digest = voter.get(f"/api/v1/proposals/{proposal_id}").json()["action_digest"]
+        body = {"comment": "ok \u202eevil\u202c", "action_digest": digest}
+        voted = voter.post(f"/api/v1/proposals/{proposal_id}/approve", json=body)
         assert voted.status_code == 200, voted.text
 
     with closing(signed_in(server, LEADS)) as browser:

@@ -101,6 +101,11 @@ def bulk_close(server: Server, owner: str) -> str:
     return response.proposal_id
 
 
+def seen_body(client: httpx.Client, proposal_id: str) -> dict[str, str]:
+    """An approval body as an approver sends it: the digest of the action the detail showed them."""
+    return {"action_digest": client.get(f"/api/v1/proposals/{proposal_id}").json()["action_digest"]}
+
+
 def state(server: Server, proposal_id: str) -> str:
     with server.engine.connect() as conn:
         return str(conn.execute(select(proposals.c.state).where(proposals.c.id == proposal_id)).scalar_one())
@@ -117,7 +122,7 @@ def test_an_owner_under_another_spelling_cannot_approve_their_own_agent(server: 
     spellings = [owner.upper(), f" {owner}", f"{owner}\u200b", owner.replace("a", "\uff41", 1)]
     for spelling in spellings:
         with legacy_approver(server, spelling, LEADS) as twin:
-            response = twin.post(f"/api/v1/proposals/{proposal_id}/approve", json={})
+            response = twin.post(f"/api/v1/proposals/{proposal_id}/approve", json=seen_body(twin, proposal_id))
             assert response.status_code == 403, f"{spelling!r}: {response.text}"
             assert "separation of duties" in response.json()["error"]
             assert proposal_id not in [p["id"] for p in twin.get("/api/v1/proposals").json()["proposals"]]
@@ -129,8 +134,8 @@ def test_one_approver_under_two_spellings_is_one_vote(server: Server) -> None:
     proposal_id = bulk_close(server, "tester")
     person = f"bob-{next(_numbers)}-{uuid.uuid4().hex[:6]}"
     with legacy_approver(server, person, LEADS) as bob, legacy_approver(server, person.upper(), LEADS) as twin:
-        assert bob.post(f"/api/v1/proposals/{proposal_id}/approve", json={}).status_code == 200
-        second = twin.post(f"/api/v1/proposals/{proposal_id}/approve", json={})
+        assert bob.post(f"/api/v1/proposals/{proposal_id}/approve", json=seen_body(bob, proposal_id)).status_code == 200
+        second = twin.post(f"/api/v1/proposals/{proposal_id}/approve", json=seen_body(twin, proposal_id))
         assert second.status_code == 403, second.text
         assert "already voted" in second.json()["error"]
     assert vote_count(server, proposal_id) == 1
@@ -145,4 +150,5 @@ def test_legacy_group_spellings_still_count_as_the_group(server: Server, spellin
         assert proposal_id in [
             p["id"] for p in lead.get("/api/v1/proposals", params={"limit": 200}).json()["proposals"]
         ]
-        assert lead.post(f"/api/v1/proposals/{proposal_id}/approve", json={}).status_code == 200
+        voted = lead.post(f"/api/v1/proposals/{proposal_id}/approve", json=seen_body(lead, proposal_id))
+        assert voted.status_code == 200

@@ -52,6 +52,11 @@ def revoke(database_url: str, agent_id: str, tmp_path: Path) -> str:
     return result.stdout
 
 
+def seen_body(client: httpx.Client, proposal_id: str) -> dict[str, str]:
+    """An approval body as an approver sends it: the digest of the action the detail showed them."""
+    return {"action_digest": client.get(f"/api/v1/proposals/{proposal_id}").json()["action_digest"]}
+
+
 def approver(server: Server, *groups: str) -> httpx.Client:
     token = add_approver(server.engine, f"lead-{uuid.uuid4().hex[:8]}", groups)
     return httpx.Client(base_url=server.admin_url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
@@ -95,12 +100,17 @@ def test_revocation_cancels_pending_proposals_and_every_later_vote_gets_409(serv
     assert pending.state == pdp_pb2.PENDING_APPROVAL
     first, second = approver(server, LEADS), approver(server, LEADS)
     with first, second:
-        assert first.post(f"/api/v1/proposals/{pending.proposal_id}/approve", json={}).status_code == 200
+        assert (
+            first.post(
+                f"/api/v1/proposals/{pending.proposal_id}/approve", json=seen_body(first, pending.proposal_id)
+            ).status_code
+            == 200
+        )
 
         printed = revoke(server.database_url, agent.id, tmp_path)
 
         # The second lead would have completed the quorum: refused, with the reason.
-        for verb, body in (("approve", {}), ("reject", {"reason": "no"})):
+        for verb, body in (("approve", seen_body(second, pending.proposal_id)), ("reject", {"reason": "no"})):
             response = second.post(f"/api/v1/proposals/{pending.proposal_id}/{verb}", json=body)
             assert response.status_code == 409, response.text
             assert "revoked" in response.json()["error"]
@@ -152,7 +162,9 @@ def test_a_row_put_back_to_pending_cannot_be_voted_on(server: Server, tmp_path: 
     first, second = approver(server, LEADS), approver(server, LEADS)
     with first, second:
         for client in (first, second):
-            response = client.post(f"/api/v1/proposals/{pending.proposal_id}/approve", json={})
+            response = client.post(
+                f"/api/v1/proposals/{pending.proposal_id}/approve", json=seen_body(client, pending.proposal_id)
+            )
             assert response.status_code == 409, response.text
             assert "revoked" in response.json()["error"]
         # Listed, so that a human notices it, but marked.
@@ -181,7 +193,8 @@ def test_approved_work_waiting_for_the_executor_never_runs_after_revocation(stac
     big = client.propose("web", "POST", items, "create a big one", params={"title": "approved", "big": True})
     assert big.state == pdp_pb2.PENDING_APPROVAL
     with approver(server, "ops") as ops:
-        assert ops.post(f"/api/v1/proposals/{big.proposal_id}/approve", json={}).json()["state"] == "APPROVED"
+        voted = ops.post(f"/api/v1/proposals/{big.proposal_id}/approve", json=seen_body(ops, big.proposal_id))
+        assert voted.json()["state"] == "APPROVED"
 
     printed = revoke(server.database_url, victim.id, tmp_path)  # no executor is running yet
 
