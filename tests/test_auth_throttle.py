@@ -136,3 +136,41 @@ def test_a_database_error_is_not_a_failed_authentication() -> None:
 
     asyncio.run(main())
     assert throttle.wait("peer") == 0 and not throttle.known_bad("digest")
+
+
+def test_a_known_good_token_skips_the_line_and_is_still_looked_up_each_time() -> None:
+    """An approver behind the same address as a flood, or queued behind its lookups, is not held up; a token
+    revoked since it last succeeded fails at once and then waits in line like any other."""
+    clock = Clock()
+    throttle = AuthThrottle("admin", "bad", burst=1, rate=0.001, max_wait=0.0, lookups=1, clock=clock)
+    lookups: list[str] = []
+
+    async def run() -> None:
+        async def good() -> str:
+            lookups.append("good")
+            return "approver"
+
+        async def slow_bad() -> str:
+            await asyncio.sleep(0.2)
+            raise Unauthenticated("bad")
+
+        assert await throttle.authenticate("p", "good-digest", good) == "approver"
+        throttle.failed("p")  # the peer is now over budget, and max_wait is 0: unknown tokens are refused
+        with pytest.raises(ResourceExhausted):
+            await throttle.authenticate("p", "unknown-digest", good)
+        flood = asyncio.ensure_future(throttle.authenticate("q", "bad-digest", slow_bad))  # holds the one slot
+        await asyncio.sleep(0.05)
+        assert await throttle.authenticate("p", "good-digest", good) == "approver"
+        assert not flood.done()
+        with pytest.raises(Unauthenticated):
+            await flood
+
+        async def revoked() -> str:
+            raise Unauthenticated("bad")
+
+        with pytest.raises(Unauthenticated):
+            await throttle.authenticate("p", "good-digest", revoked)
+        assert not throttle.known_good("good-digest") and throttle.known_bad("good-digest")
+
+    asyncio.run(run())
+    assert lookups == ["good", "good"]

@@ -40,8 +40,16 @@ class AdminServer:
         self._sock = sock
         self.port: int = sock.getsockname()[1]
         # log_config=None: uvicorn's lines go through the root handler (JSON, like every other line of `pdp serve`).
+        # proxy_headers=False: uvicorn would otherwise take X-Forwarded-For from a loopback client as the client's
+        # address, and anyone on the host could mint a fresh failed-authentication budget per request.
         config = uvicorn.Config(
-            app, lifespan="off", access_log=False, log_level="warning", log_config=None, timeout_graceful_shutdown=5
+            app,
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            log_config=None,
+            timeout_graceful_shutdown=5,
+            proxy_headers=False,
         )
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None

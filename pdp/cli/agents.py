@@ -14,7 +14,7 @@ from pdp.config import add_arguments, from_args
 from pdp.errors import PdpError
 from pdp.governance.release import release_agent
 from pdp.identity.agents import add_agent, list_agents, revoke_agent
-from pdp.store.database import create_db_engine
+from pdp.store.database import create_db_engine, write_transaction
 
 # Where `make run` keeps the development agent's token, and where `pdp propose` looks for one.
 DEV_TOKEN_FILE = Path(".pdp/agent-token")
@@ -121,7 +121,7 @@ def run_release(args: argparse.Namespace) -> int:
     by = args.by or os.environ.get("USER") or "unknown"
     engine = create_db_engine(from_args(args).database_url, writer=True, pool_size=1)
     try:
-        with engine.begin() as conn:
+        with write_transaction(engine) as conn:
             release_agent(conn, args.id, f"cli:{by}", datetime.now(UTC))
     except PdpError as exc:
         print(f"pdp agents release: {exc.message}", file=sys.stderr)

@@ -20,6 +20,7 @@ from pdp.identity.names import check_id, colliding
 from pdp.identity.tokens import new_token, token_hash
 from pdp.policy.engine import AgentIdentity
 from pdp.proposals.states import ProposalState
+from pdp.store.database import write_transaction
 from pdp.store.models import agents, proposals
 
 
@@ -45,7 +46,7 @@ def add_agent(
     check_id("id", agent_id)
     check_id("owner", owner)
     token = new_token()
-    with engine.begin() as conn:
+    with write_transaction(engine) as conn:
         existing = conn.execute(select(agents.c.id)).scalars()
         same = colliding(agent_id, existing)
         if same is not None:
@@ -102,7 +103,7 @@ def revoke_agent(engine: Engine, agent_id: str, actor: str = "operator", now: da
     Revoking a revoked agent keeps its first revocation time and cancels anything still left.
     """
     now = now or datetime.now(UTC)
-    with engine.begin() as conn:
+    with write_transaction(engine) as conn:
         chain.lock_chain(conn)
         # A write first: on SQLite it takes the write lock before any read, so no snapshot goes stale.
         newly = conn.execute(

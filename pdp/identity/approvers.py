@@ -16,6 +16,7 @@ from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from pdp.errors import AlreadyExists, NotFound, Unauthenticated
 from pdp.identity.names import check_display_name, check_group, check_id, colliding, identity_key
 from pdp.identity.tokens import new_token, token_hash
+from pdp.store.database import write_transaction
 from pdp.store.models import approvers
 
 
@@ -48,7 +49,7 @@ def add_approver(engine: Engine, approver_id: str, groups: Iterable[str], name: 
     check_display_name(name)
     checked = check_groups(groups)
     token = new_token()
-    with engine.begin() as conn:
+    with write_transaction(engine) as conn:
         same = colliding(approver_id, conn.execute(select(approvers.c.id)).scalars())
         if same is not None:
             taken = "already exists" if same == approver_id else f"would be confused with existing approver {same!r}"
@@ -76,7 +77,7 @@ def list_approvers(engine: Engine) -> list[ApproverRecord]:
 
 
 def revoke_approver(engine: Engine, approver_id: str) -> None:
-    with engine.begin() as conn:
+    with write_transaction(engine) as conn:
         done = conn.execute(
             update(approvers)
             .where(approvers.c.id == approver_id, approvers.c.revoked_at.is_(None))
@@ -97,7 +98,7 @@ def set_groups(engine: Engine, approver_id: str, add: Iterable[str] = (), remove
     """
     adding = set(check_groups(add))
     removing = {identity_key(g) for g in remove if g.strip()}
-    with engine.begin() as conn:
+    with write_transaction(engine) as conn:
         row = conn.execute(select(approvers.c.groups).where(approvers.c.id == approver_id)).first()
         if row is None:
             raise NotFound(f"approver {approver_id!r} does not exist")

@@ -17,6 +17,10 @@ Every request with a token its door has not cached as good comes here before the
   peer together, so a flood from many addresses cannot take the worker threads other requests need. The budget
   is checked again once a lookup's turn comes, so a peer's failures exceed its budget by ``lookups`` at most.
 
+- **Known-good tokens skip the line.** A token that authenticated recently (bounded, ``positive_ttl``) is
+  still looked up every time (revocation takes effect at once), but without waiting for its peer's budget or
+  a lookup slot: a flood of bad tokens, from any number of addresses, cannot queue an approver behind it.
+
 Good tokens a door has cached never come here. The clock is an argument (tests, and no wall-clock jumps).
 """
 
@@ -81,6 +85,7 @@ class AuthThrottle:
         lookups: int = LOOKUPS,
         negative_entries: int = 10_000,
         negative_ttl: float = 300.0,
+        positive_ttl: float = 300.0,
         max_peers: int = 10_000,
         clock: Clock = time.monotonic,
     ) -> None:
@@ -94,11 +99,13 @@ class AuthThrottle:
         self._lookups = lookups
         self._negative_entries = negative_entries
         self._negative_ttl = negative_ttl
+        self._positive_ttl = positive_ttl
         self._max_peers = max_peers
         self._clock = clock
         self._lock = threading.Lock()
         self._due: OrderedDict[str, float] = OrderedDict()  # peer -> theoretical arrival time (GCRA) of failures
         self._bad: OrderedDict[str, float] = OrderedDict()  # token digest -> when it is forgotten
+        self._good: OrderedDict[str, float] = OrderedDict()  # token digest -> until when it skips the line
         self._semaphores: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
 
     # --- bookkeeping (any thread) --------------------------------------------------------------------
@@ -120,22 +127,31 @@ class AuthThrottle:
                 self._due.popitem(last=False)
 
     def known_bad(self, digest: str) -> bool:
+        return self._recent(self._bad, digest)
+
+    def remember_bad(self, digest: str) -> None:
+        self._remember(self._bad, digest, self._negative_ttl)
+
+    def _recent(self, table: OrderedDict[str, float], digest: str) -> bool:
         now = self._clock()
         with self._lock:
-            until = self._bad.get(digest)
+            until = table.get(digest)
             if until is None:
                 return False
             if until <= now:
-                del self._bad[digest]
+                del table[digest]
                 return False
             return True
 
-    def remember_bad(self, digest: str) -> None:
+    def known_good(self, digest: str) -> bool:
+        return self._recent(self._good, digest)
+
+    def _remember(self, table: OrderedDict[str, float], digest: str, ttl: float) -> None:
         with self._lock:
-            self._bad[digest] = self._clock() + self._negative_ttl
-            self._bad.move_to_end(digest)
-            while len(self._bad) > self._negative_entries:
-                self._bad.popitem(last=False)
+            table[digest] = self._clock() + ttl
+            table.move_to_end(digest)
+            while len(table) > self._negative_entries:
+                table.popitem(last=False)
 
     # --- the entry point (on the event loop) ---------------------------------------------------------
 
@@ -167,6 +183,16 @@ class AuthThrottle:
         Raises :class:`Unauthenticated` for a bad token, :class:`ResourceExhausted` when ``peer`` stays over its
         budget for ``max_wait``, and whatever ``lookup`` raises otherwise.
         """
+        if self.known_good(digest):
+            try:
+                return await lookup()
+            except Unauthenticated:  # revoked since: from now on it waits in line like any unknown token
+                with self._lock:
+                    self._good.pop(digest, None)
+                self.remember_bad(digest)
+                self.failed(peer)
+                metrics.auth_failed(self.door, "looked_up")
+                raise
         deadline = self._clock() + self._max_wait
         while True:
             await self._allowed(peer, deadline)
@@ -178,9 +204,11 @@ class AuthThrottle:
                 if self.wait(peer) > 0:
                     continue  # the peer failed again while this one queued: back to waiting
                 try:
-                    return await lookup()
+                    found = await lookup()
                 except Unauthenticated:
                     self.remember_bad(digest)
                     self.failed(peer)
                     metrics.auth_failed(self.door, "looked_up")
                     raise
+                self._remember(self._good, digest, self._positive_ttl)
+                return found

@@ -22,6 +22,19 @@ def normalize_url(url: str) -> URL:
     return parsed
 
 
+WRITE_OPTION = "pdp_write"
+
+
+def write_transaction(engine: Engine) -> Any:
+    """``engine.begin()`` for a transaction that reads, then writes (identity management, CLI commands).
+
+    On SQLite it begins with ``BEGIN IMMEDIATE``: a deferred transaction that read first cannot wait for the
+    write lock (SQLite refuses the upgrade at once with "database is locked" when another writer committed
+    since its read), and the running server commits every second or so.
+    """
+    return engine.execution_options(**{WRITE_OPTION: True}).begin()
+
+
 def create_db_engine(url: str, *, writer: bool = False, pool_size: int = 8) -> Engine:
     """An engine for ``url``.
 
@@ -48,7 +61,8 @@ def create_db_engine(url: str, *, writer: bool = False, pool_size: int = 8) -> E
 
         @event.listens_for(engine, "begin")
         def _on_begin(connection: Any) -> None:
-            connection.exec_driver_sql(begin)
+            immediate = connection.get_execution_options().get(WRITE_OPTION)
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else begin)
 
         return engine
     kwargs: dict[str, Any] = {"pool_size": pool_size, "max_overflow": pool_size, "pool_pre_ping": True}

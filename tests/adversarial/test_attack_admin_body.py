@@ -185,7 +185,7 @@ def test_legitimate_requests_still_work_and_the_cap_is_exact(admin: Admin) -> No
         assert client.get("/api/v1/proposals", headers=auth).json()["proposals"] == []
         # A body at the cap is read and judged on its merits (no such proposal); one byte more is refused.
         comment = "c" * 4000
-        at_cap = b'{"comment": "' + comment.encode() + b'"}'
+        at_cap = b'{"action_digest": "' + b"0" * 64 + b'", "comment": "' + comment.encode() + b'"}'
         at_cap += b" " * (CAP - len(at_cap))
         response = client.post(VOTE, headers={**auth, "Content-Type": "application/json"}, content=at_cap)
         assert response.status_code == 404, response.text
