@@ -23,6 +23,7 @@ with one row refuses that row alone and never holds the others.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -43,6 +44,8 @@ from pdp.execution.tickets import TicketRefused, VerifiedTicket
 from pdp.policy.catalog import CatalogViolation, Tool, resolve
 from pdp.proposals.states import ProposalState
 from pdp.store.models import agents, audit_events, execution_tickets, executions, proposals
+
+log = logging.getLogger("executor")
 
 STARTED = "execution.started"
 REFUSED = "execution.refused"
@@ -124,20 +127,35 @@ _HISTORY = (
 
 def _history(conn: Connection, proposal_id: str) -> History:
     rows = conn.execute(_HISTORY, {"proposal_id": proposal_id}).all()
-    starts = sum(1 for row in rows if row.type == STARTED)
-    last = rows[-1] if rows else None
-    if last is None or last.type == STARTED:
-        return History(starts, len(rows), None)
-    body = json.loads(last.body)
-    data = body["data"]
-    error = data.get("error")
-    ending = Ending(
-        status=ENDINGS[last.type],
-        result=data.get("result") if last.type == "execution.succeeded" else None,
-        error=f"refused: {error}" if last.type == REFUSED else error,
-        at=datetime.fromisoformat(body["occurred_at"].replace("Z", "+00:00")),
-    )
-    return History(starts, len(rows), ending)
+    starts = 0
+    ended: Ending | None = None
+    for row in rows:
+        if row.type == STARTED:
+            starts += 1
+            ended = None  # an end recorded before the last start ended an earlier attempt
+            continue
+        try:
+            body = json.loads(row.body)
+            data = body["data"]
+            if not isinstance(data, dict):
+                raise TypeError("data is not an object")
+            at = datetime.fromisoformat(body["occurred_at"].replace("Z", "+00:00"))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            # Only a database writer outside the PDP writes such an event: it counts for nothing (verify reports it).
+            log.warning("ignoring an unreadable %s event of proposal %s", row.type, proposal_id)
+            continue
+        # A refusal ends the execution only when it failed it: not when it left a running one alone
+        # (to_state EXECUTING), nor when it put back an end the log already held (that end stands).
+        if row.type == REFUSED and (data.get("to_state", FAILED) != FAILED or ended is not None):
+            continue
+        error = data.get("error")
+        ended = Ending(
+            status=ENDINGS[row.type],
+            result=data.get("result") if row.type == "execution.succeeded" else None,
+            error=f"refused: {error}" if row.type == REFUSED else error,
+            at=at,
+        )
+    return History(starts, len(rows), ended)
 
 
 def _set_state(conn: Connection, proposal_id: str, state: ProposalState, now: datetime) -> None:
@@ -492,6 +510,7 @@ def _recover_one(
 ) -> Job | None:
     """One abandoned execution: ended as UNKNOWN or FAILED, refused, left to back off (None), or retried (its job)."""
     history = _history(conn, row.id)
+    breakers.release_trial(conn, row.tool, row.id)  # whatever follows, this execution is no breaker's trial now
     if history.ended is not None:  # the rows were reset after it ended: the recorded end stands
         why = f"the audit log shows this execution already ended ({history.ended.status})"
         refused = TicketRefused("ticket.consumed", why)
@@ -499,7 +518,6 @@ def _recover_one(
         return None
     tool = catalog.get(row.tool)
     lapsed = {"attempt": row.attempt, "lease_expired_at": timestamp(row.lease_expires_at)}
-    breakers.release_trial(conn, row.tool, row.id)
     if tool is None or not tool.idempotent:
         error = "the executor stopped during the call; whether it took effect is unknown: a human must reconcile"
         _end_row(conn, row, row.attempt, UNKNOWN, None, error, now)

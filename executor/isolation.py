@@ -18,6 +18,8 @@ from typing import TypeVar
 
 from sqlalchemy import Connection
 
+from pdp.store.writer import raw_savepoint
+
 log = logging.getLogger("executor")
 
 T = TypeVar("T")
@@ -68,15 +70,4 @@ def each_alone(
 
 
 def _in_savepoint(conn: Connection, work: Callable[[], T]) -> T:
-    """``work()``, undone alone if it raises. Savepoints straight on the driver's connection, as the
-    group-commit writer's are: SQLAlchemy's begin_nested() costs more Python than the row's own work."""
-    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    cursor.execute("SAVEPOINT pdp_row")
-    try:
-        result = work()
-    except BaseException:
-        cursor.execute("ROLLBACK TO SAVEPOINT pdp_row")
-        cursor.execute("RELEASE SAVEPOINT pdp_row")
-        raise
-    cursor.execute("RELEASE SAVEPOINT pdp_row")
-    return result
+    return raw_savepoint(conn, work, "pdp_row")

@@ -105,6 +105,7 @@ def _encodings(value: str) -> set[str]:
             quote_plus(value, safe=""),
             json.dumps(value)[1:-1],
             json.dumps(value, ensure_ascii=False)[1:-1],
+            *(_unicode_escaped(value, chars) for chars in _JSON_ESCAPED_SETS),
             encoded,
             encoded.rstrip("="),  # unpadded base64 (JWT-style, some headers)
             urlsafe,
@@ -112,6 +113,21 @@ def _encodings(value: str) -> set[str]:
             raw.hex(),  # upper-case hex folds onto it
         }
     )
+
+
+# Characters JSON encoders write as \u00XX although they need no escape: Go's encoding/json escapes <, > and &;
+# .NET's default encoder also ', +, ` and "; some escape every punctuation character. One form per convention:
+# a credential split by one such escape would otherwise show its pieces on either side.
+_JSON_ESCAPED_SETS = ("<>&", "<>&'+`\"", "".join(chr(c) for c in range(0x21, 0x7F) if not chr(c).isalnum()))
+
+
+def _unicode_escaped(value: str, chars: str) -> str:
+    """``value`` JSON-escaped, with each of ``chars`` written as ``\\u00xx`` (matching ignores the hex digits' case)."""
+    escaped = json.dumps(value)[1:-1]
+    for char in chars:
+        plain = json.dumps(char)[1:-1]  # '"' and '\\' are escaped already; the rest stand as themselves
+        escaped = escaped.replace(plain, f"\\u{ord(char):04x}")
+    return escaped
 
 
 def _recased(value: str) -> set[str]:

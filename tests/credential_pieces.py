@@ -25,6 +25,14 @@ def _inside_base64(raw: bytes) -> set[str]:
     return found
 
 
+PUNCTUATION = "".join(c for c in map(chr, range(0x21, 0x7F)) if not c.isalnum())
+
+
+def _json_escaped(value: str, chars: str) -> str:
+    """JSON with each of ``chars`` as \\u00xx, as Go, .NET or a cautious encoder writes it."""
+    return "".join(f"\\u{ord(c):04x}" if c in chars else json.dumps(c)[1:-1] for c in value)
+
+
 def covered_forms(credential: str) -> set[str]:
     """The credential as given, wholly upper- and lower-cased, each raw, URL-quoted, JSON-escaped, base64
     (standard and URL-safe, padded or not, alone or inside a longer base64 text) and hex."""
@@ -39,6 +47,7 @@ def covered_forms(credential: str) -> set[str]:
             quote_plus(value),
             json.dumps(value)[1:-1],
             json.dumps(value, ensure_ascii=False)[1:-1],
+            *(_json_escaped(value, chars) for chars in ("<>&", "<>&'+`\"", PUNCTUATION)),
             standard,
             standard.rstrip("="),
             urlsafe,

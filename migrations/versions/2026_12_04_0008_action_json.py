@@ -59,23 +59,23 @@ def _recorded(body: str | None) -> Any:
 def upgrade() -> None:
     op.add_column("proposals", sa.Column("action_json", sa.Text(), nullable=True))
     conn = op.get_bind()
-    decided = sa.and_(_events.c.proposal_id == _proposals.c.id, _events.c.type == "proposal.decided")
-    query = (
-        sa.select(_proposals.c.id, _proposals.c.action, _proposals.c.action_digest, _events.c.body)
-        .select_from(_proposals.outerjoin(_events, decided))
-        .order_by(_proposals.c.id)
-        .limit(_PAGE)
-    )
+    # Proposals by pages of ids, then their decided events: a page over the join could split one proposal's rows.
+    page = sa.select(_proposals.c.id, _proposals.c.action, _proposals.c.action_digest).order_by(_proposals.c.id)
+    bodies = sa.select(_events.c.proposal_id, _events.c.body).where(_events.c.type == "proposal.decided")
     fill = sa.update(_proposals).where(_proposals.c.id == sa.bindparam("pid")).values(action_json=sa.bindparam("text"))
     after = ""
     while True:
-        rows = conn.execute(query.where(_proposals.c.id > after)).all()
+        rows = conn.execute(page.where(_proposals.c.id > after).limit(_PAGE)).all()
         if not rows:
             return
+        recorded: dict[str, list[str]] = {}
+        for event in conn.execute(bodies.where(_events.c.proposal_id.in_([row.id for row in rows]))):
+            recorded.setdefault(event.proposal_id, []).append(event.body)
         found: dict[str, str] = {}
         for row in rows:
             # The audit log's action first: it is hash-chained, the row is not.
-            for text in (_canonical(_recorded(row.body)), _canonical(row.action)):
+            candidates = [_canonical(_recorded(body)) for body in recorded.get(row.id, [])] + [_canonical(row.action)]
+            for text in candidates:
                 if text is not None and row.id not in found and digest_of(text) == row.action_digest:
                     found[row.id] = text.decode("utf-8")
         if found:

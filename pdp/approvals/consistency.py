@@ -74,11 +74,12 @@ def disagreements(stored: StoredProposal, votes: Iterable[StoredVote], history: 
         problems.append("the stored action differs from the action its proposal.decided event recorded")
     if stored.action_digest != decided.get("action_digest"):
         problems.append("the stored action_digest differs from the one its proposal.decided event recorded")
-    if stored.decision_input != decided.get("decision_input"):
+    # Numbers compared as the doubles they name: JSONB gives 1e23 back as an integer that is not that float.
+    if not same_values(stored.decision_input, decided.get("decision_input")):
         problems.append("the stored decision input (agent, owner, context) differs from its proposal.decided event's")
     decision = history.decision
     if decision is not None:
-        if stored.decision != decision:
+        if not same_values(stored.decision, decision):
             problems.append("the stored decision differs from the decision its audit log recorded")
         if stored.check_columns:
             problems += _columns(stored, decision, decided)

@@ -332,9 +332,11 @@ class ApprovalService:
                     proposal_id=record.id,
                     agent_id=record.agent_id,
                     owner=_owner(record),
-                    tool=action["tool"],
-                    operation=action["operation"],
-                    resource=action["resource"],
+                    # .get: a row a database writer forged must not take every approver's list down (the vote
+                    # path refuses it; verify reports it).
+                    tool=str(action.get("tool", "")),
+                    operation=str(action.get("operation", "")),
+                    resource=str(action.get("resource", "")),
                     created_at=record.created_at,
                     expires_at=record.decision.approval_expires_at,
                     seconds_left=_seconds_left(record, now),

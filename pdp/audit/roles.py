@@ -79,7 +79,8 @@ def create_roles(engine: Engine, writer: str, auditor: str, executor: str | None
     if executor is not None:
         statements += [
             # Approved work and its signed tickets; agents, to refuse a revoked agent's work; the schema version.
-            f"GRANT SELECT ON proposals, execution_tickets, agents, alembic_version TO {executor}",
+            f"GRANT SELECT ON proposals, execution_tickets, alembic_version TO {executor}",
+            f"GRANT SELECT (id, revoked_at) ON agents TO {executor}",  # not token_hash: it needs no identity
             # A proposal's state moves (EXECUTING, SUCCEEDED, …); its action and decision never.
             f"GRANT UPDATE (state, updated_at) ON proposals TO {executor}",
             f"GRANT SELECT, INSERT, UPDATE ON executions, circuit_breakers TO {executor}",

@@ -139,14 +139,20 @@ def run_verify(args: argparse.Namespace) -> int:
             "every second while it runs; the executor's events after it stopped wait for its next start), or "
             "someone appended behind its back. Review them; then start the PDP or run `pdp audit checkpoint`"
         )
-    rows_failure = ""
+    rows_failure, rows_status = "", 0
     if report.rows is not None and report.rows.error:
+        # Not evidence of tampering: verify could not look (e.g. an auditor role granted before the columns it
+        # reads existed: re-run `pdp db roles`). Exit 2, as for any other check that could not run.
         rows_failure = "FAIL: the rows could not be compared with the audit log (connect as a role that may read them)"
+        rows_status = CANNOT_CHECK
     elif report.rows is not None and not report.rows.agree:
         rows_failure = "FAIL: the audit log is intact, but the rows above disagree with it (changed outside the PDP)"
-    status = 1 if failures else (ROWS_DISAGREE if rows_failure else 0)
+        rows_status = ROWS_DISAGREE
+    status = 1 if failures else rows_status
     if args.json:
-        document = _verify_json(report, checkpoint_file, now, max_age, failures, notes)
+        document = _verify_json(
+            report, checkpoint_file, now, max_age, failures + [rows_failure] * bool(rows_failure), notes
+        )
         document["ok"] = status == 0
         document["rows"] = _rows_json(report.rows)
         print(json.dumps(document, indent=2))
@@ -223,6 +229,7 @@ def _verify_json(
 
 
 ROWS_DISAGREE = 3  # the chain is intact; proposals or votes were changed outside the PDP
+CANNOT_CHECK = 2  # a check could not run (no key, no file, rows this role may not read)
 LISTED_ROWS = 50
 
 

@@ -11,6 +11,7 @@ outage it ends FAILED with the reason, and a human proposes again.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -118,3 +119,24 @@ def test_an_abandoned_idempotent_execution_is_not_retried_once_its_ticket_expire
     assert stack.target.count("/api/kv/") == 1  # never run again
     kinds: list[Any] = stack.audit_types(pid)
     assert kinds == ["proposal.decided", "execution.started", "execution.refused"]
+
+
+def test_a_call_reset_twice_while_it_runs_keeps_its_real_outcome(stack: Stack) -> None:
+    """The attacker puts a running proposal back to APPROVED twice. Each claim refuses it and leaves it EXECUTING
+    (its worker is still calling the target); that refusal is no end of the execution, so the second one must
+    not "restore" a FAILED end over the running call: the call's real result is recorded, once."""
+    stack.target.slow_seconds = 2.0
+    config = stack.config(timeout="20s")
+    pid = stack.client.propose("web", "POST", stack.target.url + "items", "t", params={"n": 1}).proposal_id
+    with running_executor(config):
+        wait_for(lambda: stack.target.count() == 1, "the call to reach the target")
+        for round_ in (1, 2):
+            with stack.engine.begin() as conn:
+                conn.execute(update(proposals).where(proposals.c.id == pid).values(state="APPROVED"))
+            refused = functools.partial(lambda n: len(_refusals(stack, pid)) == n, round_)
+            wait_for(refused, f"refusal {round_}")
+        final = stack.client.wait(pid, timeout=30)
+    assert final.state == pdp_pb2.SUCCEEDED, final
+    assert final.execution.status == "SUCCEEDED" and not final.execution.error
+    assert stack.target.count() == 1
+    assert "execution.late_result" not in stack.audit_types(pid)

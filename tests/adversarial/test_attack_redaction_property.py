@@ -37,6 +37,24 @@ def _inside(value: str, draw: st.DrawFn) -> str:
     return encode(before + value.encode() + after).decode()
 
 
+def json_escaping(chars: str, upper: bool = False) -> Callable[[str], str]:
+    """JSON as Go (<>&) or .NET (also '+`") write it, or with every punctuation character as \\u00XX."""
+
+    def encode(value: str) -> str:
+        out = []
+        for char in value:
+            if char in chars:
+                code = f"{ord(char):04x}"
+                out.append("\\u" + (code.upper() if upper else code))
+            else:
+                out.append(json.dumps(char)[1:-1])
+        return "".join(out)
+
+    return encode
+
+
+PUNCTUATION = "".join(c for c in map(chr, range(0x21, 0x7F)) if not c.isalnum())
+
 ENCODINGS: dict[str, Callable[[str], str]] = {
     "raw": lambda v: v,
     "quote": lambda v: quote(v, safe=""),
@@ -44,6 +62,9 @@ ENCODINGS: dict[str, Callable[[str], str]] = {
     "quote_plus": quote_plus,
     "json": lambda v: json.dumps(v)[1:-1],
     "json-unicode": lambda v: json.dumps(v, ensure_ascii=False)[1:-1],
+    "json-go": json_escaping("<>&"),
+    "json-dotnet": json_escaping("<>&'+`\"", upper=True),
+    "json-punctuation": json_escaping(PUNCTUATION),
     "base64": lambda v: base64.b64encode(v.encode()).decode(),
     "base64-unpadded": lambda v: base64.b64encode(v.encode()).decode().rstrip("="),
     "base64url": lambda v: base64.urlsafe_b64encode(v.encode()).decode(),
